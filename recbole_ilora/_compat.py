@@ -1,0 +1,139 @@
+"""RecBole 1.2.1 on today's stack: every shim in one place, each with the reason and a test (tests/test_compat.py).
+
+RecBole 1.2.1 was released for numpy 1, pandas 1/2 and torch < 2.6. On the stack pinned in setup.cfg it breaks
+in four known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
+by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
+
+1. numpy 2 removed ``np.float_``, ``np.complex_`` and ``np.unicode_``; ``Config.compatibility_settings`` reads
+   them (to set even older aliases) and raises ``AttributeError``. Shim: alias the three before the first Config.
+2. torch >= 2.6 loads with ``weights_only=True`` by default. RecBole's ``Trainer._save_checkpoint`` writes with
+   ``pickle_protocol=4`` (whose FRAME opcode the weights-only unpickler rejects: "Unsupported operand 149") and
+   pickles the whole ``Config`` object and a numpy score, so ``Trainer.evaluate(load_best_model=True)``,
+   ``Trainer.resume_checkpoint`` and ``load_data_and_model`` fail; allow-listing globals does not help.
+   Shim: ``Trainer._save_checkpoint`` is replaced by :func:`save_checkpoint`, which writes the same fields with
+   plain values and torch's default protocol, atomically; RecBole's own ``torch.load`` calls then work with the
+   safe default, and a checkpoint never carries pickled code.
+3. ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import
+   time, so any model lookup turns anomaly mode on for the whole process (SASRec trains about 1.8x slower).
+   Shim: import RecBole's sequential models once and restore the anomaly-mode state that was in force before.
+4. pandas 3 breaks ``token_seq`` item fields (ml-100k's ``movie_title``) in ``Dataset._remap`` and silently
+   ignores ``fillna(inplace=True)`` on a column. Shim: setup.cfg pins ``pandas<3``; :func:`check_pandas` turns an
+   environment that slipped past the pin into a clear error instead of silently wrong data.
+
+Also: ``recbole.quick_start`` imports ray 2.6.3, which fails on this stack (``pkg_resources``); this package never
+imports it (``recbole_ilora.quick_start`` follows RecBole's steps with RecBole's parts).
+"""
+
+import enum
+
+_APPLIED = False
+_NUMPY_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_"}
+
+
+def alias_numpy_2_names():
+    """Shim 1: restore the three numpy-1 names RecBole's Config reads, where numpy 2 removed them."""
+    import numpy as np
+
+    for old_name, new_name in _NUMPY_ALIASES.items():
+        if old_name not in np.__dict__:
+            setattr(np, old_name, getattr(np, new_name))
+
+
+def plain_value(value):
+    """A weights-only-loadable copy of a config value: enums by name, devices and other objects as strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {str(key): plain_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain_value(item) for item in value]
+    return str(value)
+
+
+def plain_config(config):
+    """The final configuration of a RecBole ``Config`` as a dict that ``torch.load(weights_only=True)`` accepts."""
+    final = config.final_config_dict if hasattr(config, "final_config_dict") else dict(config)
+    return {key: plain_value(value) for key, value in final.items()}
+
+
+def save_checkpoint(self, epoch, verbose=True, **kwargs):
+    """Shim 2, replacing ``recbole.trainer.Trainer._save_checkpoint``: the same checkpoint fields, loadable with
+    ``torch.load(weights_only=True)``: the config as a plain dict, the best score as a float, torch's default
+    pickle protocol (RecBole's protocol 4 emits FRAME opcodes the weights-only unpickler rejects), and written
+    atomically (temporary file, then rename), so a crash mid-save leaves the previous checkpoint intact."""
+    import os
+    import tempfile
+
+    import torch
+    from recbole.utils import set_color
+
+    if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        return
+    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+    state = {
+        "config": plain_config(self.config),
+        "epoch": epoch,
+        "cur_step": self.cur_step,
+        "best_valid_score": float(self.best_valid_score),
+        "state_dict": self.model.state_dict(),
+        "other_parameter": self.model.other_parameter(),
+        "optimizer": self.optimizer.state_dict(),
+    }
+    directory = os.path.dirname(os.path.abspath(saved_model_file))
+    handle, staging = tempfile.mkstemp(prefix=".saving-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, saved_model_file)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+    if verbose:
+        self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+
+def _patch_checkpoint_saving():
+    from recbole.trainer import trainer as recbole_trainer
+
+    recbole_trainer.Trainer._save_checkpoint = save_checkpoint
+
+
+def import_sequential_models_without_anomaly_mode():
+    """Shim 3: import RecBole's sequential models (sine.py included) and undo sine.py's global anomaly mode."""
+    import torch
+
+    enabled, check_nan = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (runs sine.py's module-level side effect once)
+
+    torch.autograd.set_detect_anomaly(enabled, check_nan=check_nan)
+
+
+def check_pandas(version=None):
+    """Shim 4: refuse pandas >= 3, which silently corrupts RecBole 1.2.1's token_seq fields."""
+    if version is None:
+        import pandas
+
+        version = pandas.__version__
+    major = int(str(version).split(".")[0])
+    if major >= 3:
+        raise ImportError(
+            f"pandas {version} is installed, but RecBole 1.2.1 mis-reads token_seq fields (item titles) with "
+            "pandas 3. Install the pinned stack: pip install 'pandas<3' (see setup.cfg)."
+        )
+
+
+def apply():
+    """Apply every shim once per process. Safe to call many times."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    check_pandas()
+    alias_numpy_2_names()
+    import_sequential_models_without_anomaly_mode()
+    _patch_checkpoint_saving()
+    _APPLIED = True

@@ -1,0 +1,53 @@
+"""RecBole's ``Config`` for the plugin: resolves plugin model names and loads ``properties/`` on top.
+
+Order of precedence (lowest first), as in RecBole: RecBole's own property files, then this plugin's
+``properties/model/<model>.yaml`` and ``properties/dataset/<dataset>.yaml``, then ``--config_files``, then
+``config_dict``, then ``--key=value`` on the command line.
+"""
+
+import os
+from pathlib import Path
+
+from recbole.config import Config as RecBoleConfig
+
+from recbole_ilora import _compat
+from recbole_ilora.utils import get_model
+
+PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+
+
+def properties_dir():
+    """The plugin's ``properties/`` folder (at the repository root; installs are editable)."""
+    if not PROPERTIES_DIR.is_dir():
+        raise FileNotFoundError(
+            f"recbole-ilora's property files are missing: expected the folder {PROPERTIES_DIR}. "
+            "Install the plugin from its repository in editable mode: pip install -e ."
+        )
+    return PROPERTIES_DIR
+
+
+class Config(RecBoleConfig):
+    """RecBole's Config, plus the plugin's models and property files."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        _compat.apply()
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+        if isinstance(model, str):
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        root = properties_dir()
+        self._load_plugin_property_file(root / "model" / f"{model}.yaml")
+        dataset_keys = self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml")
+        self.parameters["Dataset"] += [key for key in dataset_keys if key not in self.parameters["Dataset"]]
+
+    def _load_plugin_property_file(self, path):
+        if not os.path.isfile(path):
+            return {}
+        return self._update_internal_config_dict(str(path)) or {}

@@ -1,0 +1,80 @@
+"""The collaborative sequence encoder: RecBole's own SASRec, composed and frozen, loaded from a RecBole checkpoint.
+
+The checkpoint is what ``run_recbole_ilora.py --model=SASRec`` saves (its configuration stored as a plain dict by
+``recbole_ilora._compat``), so it loads with ``torch.load(weights_only=True)``. Its architecture keys override the
+current configuration, and it must come from the same dataset with the same item count and history length.
+"""
+
+import os
+import pickle
+from logging import getLogger
+
+import torch
+from recbole.model.sequential_recommender.sasrec import SASRec
+
+SASREC_ARCHITECTURE_KEYS = (
+    "n_layers",
+    "n_heads",
+    "hidden_size",
+    "inner_size",
+    "hidden_dropout_prob",
+    "attn_dropout_prob",
+    "hidden_act",
+    "layer_norm_eps",
+    "initializer_range",
+)
+
+
+def read_sasrec_checkpoint(path):
+    """The checkpoint dict at ``path``, loaded weights-only; a clear error if it is not a SASRec checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'sasrec_checkpoint' = {path!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"'sasrec_checkpoint' = {path!r} cannot be loaded safely (weights_only=True): it carries pickled objects. "
+            "Use a checkpoint saved by run_recbole_ilora.py --model=SASRec."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"'sasrec_checkpoint' = {path!r} is not a RecBole checkpoint (no state_dict/config).")
+    model = checkpoint["config"].get("model")
+    if model != "SASRec":
+        raise ValueError(f"'sasrec_checkpoint' = {path!r} holds a {model} model, not SASRec.")
+    return checkpoint
+
+
+def build_frozen_sasrec(config, dataset):
+    """A frozen, eval-mode SASRec: from ``sasrec_checkpoint`` when set, else randomly initialised (with a warning;
+    ``recbole_ilora.quick_start`` pretrains one before building the model)."""
+    path = config["sasrec_checkpoint"]
+    if not path:
+        getLogger().warning(
+            "'sasrec_checkpoint' is not set: the frozen SASRec encoder is randomly initialised. Run through "
+            "run_recbole_ilora (which pretrains SASRec first) or pass --sasrec_checkpoint=<SASRec .pth>."
+        )
+        encoder = SASRec(config, dataset)
+    else:
+        checkpoint = read_sasrec_checkpoint(path)
+        saved = checkpoint["config"]
+        if saved.get("dataset") != config["dataset"]:
+            raise ValueError(
+                f"'sasrec_checkpoint' = {path!r} was trained on dataset {saved.get('dataset')!r}, "
+                f"not {config['dataset']!r}."
+            )
+        if saved.get("MAX_ITEM_LIST_LENGTH") != config["MAX_ITEM_LIST_LENGTH"]:
+            raise ValueError(
+                f"'sasrec_checkpoint' = {path!r} has MAX_ITEM_LIST_LENGTH={saved.get('MAX_ITEM_LIST_LENGTH')}, "
+                f"but this run uses {config['MAX_ITEM_LIST_LENGTH']}."
+            )
+        n_items = checkpoint["state_dict"]["item_embedding.weight"].shape[0]
+        if n_items != dataset.item_num:
+            raise ValueError(
+                f"'sasrec_checkpoint' = {path!r} has {n_items} items, but the dataset has {dataset.item_num}: "
+                "it was trained on another version or filtering of the dataset."
+            )
+        architecture = {key: saved[key] for key in SASREC_ARCHITECTURE_KEYS}
+        encoder = SASRec({**config.final_config_dict, **architecture}, dataset)
+        encoder.load_state_dict(checkpoint["state_dict"])
+    encoder.requires_grad_(False)
+    return encoder.eval()

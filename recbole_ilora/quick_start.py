@@ -1,0 +1,124 @@
+"""One-call training and evaluation, following ``recbole.quick_start.run_recbole`` step by step with RecBole's own
+data loaders, trainer and evaluator (without importing ``recbole.quick_start``, which pulls ray).
+
+For the plugin's LLM models without a ``sasrec_checkpoint``, a SASRec is first trained on the same dataset, split
+and data loaders settings (RecBole's SASRec and Trainer, ``sasrec_*`` keys), saved like ``--model=SASRec`` would save
+it, and handed to the model as its frozen collaborative encoder. RecBole's FLOPs report is not computed.
+"""
+
+import copy
+import logging
+import sys
+from logging import getLogger
+
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import InputType, get_environment, init_logger, init_seed, set_color
+
+from recbole_ilora.config import Config
+from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+from recbole_ilora.utils import get_model, get_trainer
+
+
+def sasrec_pretraining_config(config):
+    """A copy of ``config`` for SASRec with the ``sasrec_*`` training keys in place of the LLM model's."""
+    sasrec_config = copy.deepcopy(config)
+    overrides = {
+        "model": "SASRec",
+        "epochs": config["sasrec_epochs"],
+        "learning_rate": config["sasrec_learning_rate"],
+        "train_batch_size": config["sasrec_train_batch_size"],
+        "stopping_step": config["sasrec_stopping_step"],
+        "loss_type": "CE",
+        "MODEL_INPUT_TYPE": InputType.POINTWISE,
+        "save_dataloaders": False,
+    }
+    for key, value in overrides.items():
+        sasrec_config[key] = value
+    return sasrec_config
+
+
+def pretrain_sasrec(config, show_progress=False):
+    """Train RecBole's SASRec on the configured dataset and split with the ``sasrec_*`` keys; returns the best
+    checkpoint's path. The dataset is created anew (RecBole's ``data_preparation`` consumes a dataset)."""
+    logger = getLogger()
+    sasrec_config = sasrec_pretraining_config(config)
+    logger.info(set_color("Pretraining the SASRec encoder", "green") + " (no 'sasrec_checkpoint' given)")
+    train_data, valid_data, _ = data_preparation(sasrec_config, create_dataset(sasrec_config))
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model("SASRec")(sasrec_config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(sasrec_config["MODEL_TYPE"], "SASRec")(sasrec_config, model)
+    best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
+    logger.info(
+        set_color("SASRec encoder", "green") + f": best valid {config['valid_metric']} = {best_score:.4f}, "
+        f"saved to {trainer.saved_model_file}"
+    )
+    return trainer.saved_model_file
+
+
+def prepare_model(config, train_data, show_progress=False):
+    """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one."""
+    model_class = get_model(config["model"])
+    if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
+        config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    return model_class(config, train_data._dataset).to(config["device"])
+
+
+def train_and_evaluate(config, saved=True, verbose=True):
+    """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict."""
+    logger = getLogger()
+    dataset = create_dataset(config)
+    if verbose:
+        logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    show_progress = config["show_progress"] if verbose else False
+
+    model = prepare_model(config, train_data, show_progress)
+    if verbose:
+        logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+    if verbose:
+        logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+
+
+def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+    """Train and test ``model`` on ``dataset`` (any plugin or RecBole model), as ``recbole.quick_start.run_recbole``.
+
+    Returns:
+        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``.
+    """
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+    return train_and_evaluate(config, saved=saved, verbose=True)
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """RecBole's hyper-tuning objective for any plugin or RecBole model (quiet: errors only on the console).
+
+    Returns:
+        dict: ``model`` and the keys of :func:`run_recbole_ilora`.
+    """
+    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    return {"model": config["model"], **train_and_evaluate(config, saved=saved, verbose=False)}
