@@ -91,7 +91,9 @@ class PromptBuilder(torch.nn.Module):
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.slot_id = self.pad_id
-        separator_ids = encode(separator)
+        # Titles are tokenised on their own and so carry their leading word boundary; the separator's trailing
+        # spaces would double it.
+        separator_ids = encode(separator.rstrip(" "))
         self.separator_length = len(separator_ids)
         # Segment of item i: its title tokens, one slot, the separator.
         segments = [encode(text)[:max_title_tokens] + [self.slot_id] + separator_ids for text in texts]

@@ -1,0 +1,172 @@
+"""iLoRA through RecBole: end-to-end runs, training, sampled-protocol cost, checkpoints and input errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.data.interaction import Interaction
+
+from conftest import TINY, tiny_config
+from recbole_ilora.model import iLoRA
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.trainer import LLMRecTrainer
+
+TRAINED_PREFIXES = ("llm.peft_model.", "gate_network.", "projector.", "score_head.")
+
+
+def assert_metrics_in_range(result, expected_keys):
+    test = result["test_result"]
+    assert set(expected_keys) <= set(test), sorted(test)
+    for key, value in test.items():
+        assert np.isfinite(value) and 0.0 <= value <= 1.0, (key, value)
+
+
+def build(sasrec_checkpoint, llm_cache, **overrides):
+    config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, **overrides)
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = iLoRA(config, train_data._dataset)
+    return config, model, train_data, valid_data, test_data
+
+
+@pytest.fixture
+def tiny_ilora(sasrec_checkpoint, llm_cache):
+    return build(sasrec_checkpoint, llm_cache)
+
+
+def test_ilora_end_to_end_full_sort_with_sasrec_pretraining(llm_cache):
+    result = objective_function(config_dict={**TINY, "model": "iLoRA", "epochs": 1, "llm_cache_dir": llm_cache})
+    assert result["model"] == "iLoRA"
+    assert_metrics_in_range(result, ["recall@10", "ndcg@10", "mrr@10", "hit@1", "hit@5"])
+    assert sorted(name.split("-")[0] for name in os.listdir("saved") if name.endswith(".pth")) == ["SASRec", "iLoRA"]
+
+
+def test_ilora_end_to_end_uni19(sasrec_checkpoint, llm_cache):
+    config = {**TINY, "model": "iLoRA", "epochs": 1, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    config["eval_args"] = {**TINY["eval_args"], "mode": "uni19"}
+    result = objective_function(config_dict=config)
+    assert_metrics_in_range(result, ["hit@1", "ndcg@5"])
+    assert result["test_result"]["hit@10"] >= result["test_result"]["hit@1"]
+
+
+@pytest.mark.parametrize("mode", ["full", "uni19"])
+def test_sasrec_baseline_through_the_same_runner(mode):
+    config = {**TINY, "model": "SASRec", "epochs": 2, "eval_args": {**TINY["eval_args"], "mode": mode}}
+    result = objective_function(config_dict=config)
+    assert result["model"] == "SASRec"
+    assert_metrics_in_range(result, ["hit@1", "ndcg@5", "ndcg@10"])
+
+
+def test_only_adapter_gate_projector_and_head_train(tiny_ilora):
+    _, model, *_ = tiny_ilora
+    trainable = model.trainable_parameter_names()
+    assert trainable and all(name.startswith(TRAINED_PREFIXES) for name in trainable)
+    lora = [name for name in trainable if name.startswith("llm.")]
+    assert lora and all(".lora_A." in name or ".lora_B." in name for name in lora)
+    assert any(name.startswith("gate_network.") for name in trainable)
+    assert not any(p.requires_grad for p in model.sasrec.parameters())
+
+
+def fixed_loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model.calculate_loss(batch).item()
+
+
+def test_training_lowers_the_loss_and_survives_evaluation_on_4bit(tiny_ilora):
+    config, model, train_data, valid_data, _ = tiny_ilora
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainer = LLMRecTrainer(config, model)
+    batch = next(iter(train_data))
+    initial = fixed_loss(model, batch)
+    trainer._train_epoch(train_data, 0)
+    trainer.evaluate(valid_data, load_best_model=False)  # eval mode + no_grad, as between RecBole epochs
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer._train_epoch(train_data, 1)
+    unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
+    assert unchanged == []
+    assert fixed_loss(model, batch) < initial
+
+
+def test_predict_encodes_each_history_once_and_matches_full_sort(tiny_ilora):
+    _, model, _, _, test_data = tiny_ilora
+    model.eval()
+    interaction = next(iter(test_data))[0]
+    users = interaction[model.ITEM_SEQ][:5], interaction[model.ITEM_SEQ_LEN][:5]
+    candidates = torch.tensor([[1, 5, 9, 13], [2, 3, 4, 5], [7, 8, 9, 10], [11, 12, 13, 14], [1, 2, 3, 4]])
+    rows = Interaction(
+        {
+            model.ITEM_SEQ: users[0].repeat_interleave(4, dim=0),
+            model.ITEM_SEQ_LEN: users[1].repeat_interleave(4),
+            model.ITEM_ID: candidates.flatten(),
+        }
+    )
+    encoded_rows = []
+    original_forward = model.forward
+
+    def counting_forward(item_seq, item_seq_len):
+        encoded_rows.append(item_seq.shape[0])
+        return original_forward(item_seq, item_seq_len)
+
+    model.forward = counting_forward
+    with torch.no_grad():
+        scores = model.predict(rows)
+        predict_encoded = sum(encoded_rows)
+        full = model.full_sort_predict(Interaction({model.ITEM_SEQ: users[0], model.ITEM_SEQ_LEN: users[1]}))
+    distinct = torch.unique(torch.cat([users[0], users[1].unsqueeze(1)], 1), dim=0).shape[0]
+    assert predict_encoded == distinct < len(rows)  # one LLM encoding per distinct history, not per row
+    assert scores.shape == (20,)
+    assert torch.allclose(scores.view(5, 4), full.gather(1, candidates), atol=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_scores(sasrec_checkpoint, llm_cache):
+    config, model, train_data, valid_data, test_data = build(sasrec_checkpoint, llm_cache, epochs=1)
+    trainer = LLMRecTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    checkpoint = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=True)
+    assert set(checkpoint["state_dict"]) == model.trainable_parameter_names()  # no backbone, no SASRec
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values()) == trained_bytes
+
+    interaction = next(iter(test_data))[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model.full_sort_predict(interaction)
+
+    _, fresh, *_ = build(sasrec_checkpoint, llm_cache, epochs=1)
+    fresh_trainer = LLMRecTrainer(config, fresh)
+    fresh_trainer.resume_checkpoint(trainer.saved_model_file)  # RecBole's resume: weights, optimizer, epoch
+    assert fresh_trainer.start_epoch == checkpoint["epoch"] + 1
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.full_sort_predict(interaction), expected)
+
+
+def test_strict_load_rejects_a_foreign_state_dict(tiny_ilora):
+    _, model, *_ = tiny_ilora
+    state = model.state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(RuntimeError, match="missing"):
+        model.load_state_dict(state)
+
+
+def test_missing_text_field_names_the_key_and_lists_fields(sasrec_checkpoint, llm_cache):
+    with pytest.raises(ValueError) as error:
+        build(sasrec_checkpoint, llm_cache, prompt_text_field="movie_title")
+    message = str(error.value)
+    assert "'prompt_text_field' = 'movie_title'" in message and "'title'" in message
+
+
+def test_sasrec_checkpoint_from_another_dataset_is_refused(sasrec_checkpoint, llm_cache, tmp_path):
+    checkpoint = torch.load(sasrec_checkpoint, weights_only=True)
+    checkpoint["config"]["dataset"] = "ml-100k"
+    other = tmp_path / "other.pth"
+    torch.save(checkpoint, other)
+    with pytest.raises(ValueError, match="trained on dataset 'ml-100k'"):
+        build(str(other), llm_cache)
+    with pytest.raises(FileNotFoundError, match="'sasrec_checkpoint'"):
+        build(str(tmp_path / "missing.pth"), llm_cache)

@@ -1,0 +1,40 @@
+"""The command-line runner, as a user calls it: -m/-d, --config_files and --key=value overrides."""
+
+import subprocess
+import sys
+
+from conftest import DATA_DIR, REPO_ROOT
+
+
+def test_runner_trains_a_recbole_baseline_with_config_files_and_overrides(tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(
+        "load_col: {inter: [user_id, item_id, timestamp], item: [item_id, title]}\n"
+        "MAX_ITEM_LIST_LENGTH: 10\ntrain_neg_sample_args: ~\nshow_progress: False\n"
+        "n_layers: 1\nn_heads: 1\nhidden_size: 16\ninner_size: 32\n"
+    )
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "run_recbole_ilora.py"),
+        "-m",
+        "SASRec",
+        "-d",
+        "lastfm-tiny",
+        f"--config_files={config_file}",
+        f"--data_path={DATA_DIR}",
+        "--epochs=2",
+        "--topk=[1,5]",
+        "--valid_metric=NDCG@5",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "test result" in output and "hit@5" in output and "hit@10" not in output  # --topk override applied
+    assert len(list((tmp_path / "saved").glob("SASRec-*.pth"))) == 1
+
+
+def test_runner_reports_an_unknown_model(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "run_recbole_ilora.py"), "--model=NoSuchModel", "--dataset=ml-100k"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "'model' = 'NoSuchModel' is not a known model" in result.stderr
