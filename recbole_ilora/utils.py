@@ -1,4 +1,6 @@
-"""Model and trainer lookup: the plugin's own classes first, RecBole's built-in ones otherwise (RecBole-GNN's pattern).
+"""Model and trainer lookup: the plugin's own classes first, RecBole's built-in ones otherwise.
+
+This is RecBole-GNN's pattern for plugins.
 """
 
 import importlib

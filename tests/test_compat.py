@@ -64,11 +64,11 @@ def test_recbole_checkpoint_loads_weights_only_and_best_model_reload_works():
 
 
 def test_checkpoint_write_is_atomic(monkeypatch, tmp_path):
+    from conftest import tiny_config
+    from recbole.data import create_dataset, data_preparation
     from recbole.trainer import Trainer
 
-    from conftest import tiny_config
     from recbole_ilora.utils import get_model
-    from recbole.data import create_dataset, data_preparation
 
     config = tiny_config("SASRec")
     train_data, _, _ = data_preparation(config, create_dataset(config))

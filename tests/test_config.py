@@ -4,9 +4,9 @@ import re
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 from recbole.trainer import Trainer
 
-from conftest import REPO_ROOT
 from recbole_ilora import config as config_module
 from recbole_ilora.config import Config
 from recbole_ilora.model import iLoRA

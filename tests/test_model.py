@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, tiny_config
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 
-from conftest import TINY, tiny_config
 from recbole_ilora.model import iLoRA
 from recbole_ilora.quick_start import objective_function
 from recbole_ilora.trainer import LLMRecTrainer

@@ -57,7 +57,9 @@ def test_titles_are_truncated(builder):
     tokenizer, _ = builder
     build = PromptBuilder(tokenizer, TEXTS, TEMPLATE, ", ", max_title_tokens=1)
     long = build(torch.tensor([[1, 2, 3, 4]]), torch.tensor([4]))
-    full = PromptBuilder(tokenizer, TEXTS, TEMPLATE, ", ", max_title_tokens=16)(torch.tensor([[1, 2, 3, 4]]), torch.tensor([4]))
+    full = PromptBuilder(tokenizer, TEXTS, TEMPLATE, ", ", max_title_tokens=16)(
+        torch.tensor([[1, 2, 3, 4]]), torch.tensor([4])
+    )
     assert long.input_ids.shape[1] < full.input_ids.shape[1]
     assert long.slot_mask.sum() == 4
 

@@ -108,7 +108,9 @@ class LLMSequentialRecommender(SequentialRecommender):
         """``forward`` over at most ``llm_eval_batch_size`` histories at a time, ``[B, d]``."""
         parts = [
             self.forward(seq, length)
-            for seq, length in zip(item_seq.split(self.eval_batch_size), item_seq_len.split(self.eval_batch_size))
+            for seq, length in zip(
+                item_seq.split(self.eval_batch_size), item_seq_len.split(self.eval_batch_size), strict=True
+            )
         ]
         return torch.cat(parts)
 

@@ -140,6 +140,14 @@ def disable_cpu_weight_repacking(model):
     return changed
 
 
+def _device_map_target(device):
+    """accelerate's placement for the whole model: a CUDA index, or 'cpu'."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def load_causal_lm(path, config, device):
     """Load a local causal LM and its tokenizer from ``path``, frozen, 4-bit when ``llm_load_in_4bit``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,7 +156,7 @@ def load_causal_lm(path, config, device):
     kwargs = {"dtype": dtype, "trust_remote_code": bool(config["llm_trust_remote_code"])}
     if config["llm_load_in_4bit"]:
         kwargs["quantization_config"] = _quantization_config(config, dtype)
-        kwargs["device_map"] = {"": torch.device(device)}
+        kwargs["device_map"] = {"": _device_map_target(device)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

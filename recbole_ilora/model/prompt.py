@@ -128,6 +128,7 @@ class PromptBuilder(torch.nn.Module):
         slot_item = torch.where(is_slot, item_seq.unsqueeze(-1), torch.zeros_like(tokens))  # [B, L, S]
 
         prefix, suffix = self.prefix_ids, self.suffix_ids
+
         def filler(length, value, dtype):
             return torch.full((batch_size, length), value, dtype=dtype, device=device)
 
