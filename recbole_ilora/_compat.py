@@ -83,7 +83,10 @@ def save_checkpoint(self, epoch, verbose=True, **kwargs):
     }
     directory = os.path.dirname(os.path.abspath(saved_model_file))
     handle, staging = tempfile.mkstemp(prefix=".saving-", suffix=".pth", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(staging, 0o666 & ~umask)  # the permissions a plain torch.save would give (mkstemp makes 0600)
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()

@@ -61,6 +61,9 @@ def test_recbole_checkpoint_loads_weights_only_and_best_model_reload_works():
     assert checkpoint["config"]["dataset"] == "lastfm-tiny"
     assert isinstance(checkpoint["best_valid_score"], float)
     assert checkpoint["epoch"] == 0 and "item_embedding.weight" in checkpoint["state_dict"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_checkpoint_write_is_atomic(monkeypatch, tmp_path):
