@@ -138,9 +138,6 @@ class PromptBuilder(torch.nn.Module):
         content_keep = torch.cat(
             [filler(len(prefix), True, torch.bool), keep.flatten(1), filler(len(suffix), True, torch.bool)], dim=1
         )
-        content_is_slot = torch.cat(
-            [filler(len(prefix), False, torch.bool), is_slot.flatten(1), filler(len(suffix), False, torch.bool)], dim=1
-        )
         content_slot_item = torch.cat(
             [filler(len(prefix), 0, torch.long), slot_item.flatten(1), filler(len(suffix), 0, torch.long)], dim=1
         )
@@ -154,10 +151,9 @@ class PromptBuilder(torch.nn.Module):
 
         input_ids = torch.full((batch_size, total), self.pad_id, dtype=torch.long, device=device)
         input_ids[rows, target] = content[content_keep]
-        slot_mask = torch.zeros(batch_size, total, dtype=torch.bool, device=device)
-        slot_mask[rows, target] = content_is_slot[content_keep]
         slot_items = torch.zeros(batch_size, total, dtype=torch.long, device=device)
         slot_items[rows, target] = content_slot_item[content_keep]
+        slot_mask = slot_items > 0  # history items are never the padding item 0
         attention_mask = torch.zeros(batch_size, total, dtype=torch.long, device=device)
         attention_mask[rows, target] = 1
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
