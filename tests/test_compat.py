@@ -87,3 +87,11 @@ def test_checkpoint_write_is_atomic(monkeypatch, tmp_path):
         trainer._save_checkpoint(1, verbose=False)
     assert open(trainer.saved_model_file, "rb").read() == before
     assert os.listdir(os.path.dirname(trainer.saved_model_file)) == [os.path.basename(trainer.saved_model_file)]
+
+
+def test_recbole_quick_start_and_its_ray_import_are_never_loaded():
+    code = (
+        "import sys, recbole_ilora.quick_start, recbole_ilora.model; "
+        "print('recbole.quick_start' in sys.modules or 'ray' in sys.modules)"
+    )
+    assert _python(code) == "False"

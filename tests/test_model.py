@@ -170,3 +170,20 @@ def test_sasrec_checkpoint_from_another_dataset_is_refused(sasrec_checkpoint, ll
         build(str(other), llm_cache)
     with pytest.raises(FileNotFoundError, match="'sasrec_checkpoint'"):
         build(str(tmp_path / "missing.pth"), llm_cache)
+
+
+def test_llm_path_loads_a_local_checkpoint_through_the_same_pipeline(sasrec_checkpoint, llm_cache, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    build(sasrec_checkpoint, llm_cache)  # makes sure the embedded LLaMA exists in the cache
+    local = tmp_path / "my-llama"  # a local Hugging Face checkpoint folder: config, safetensors, tokenizer
+    shutil.copytree(next(Path(llm_cache).glob("llama-*")), local)
+    _, model, _, _, test_data = build(sasrec_checkpoint, llm_cache, llm_path=str(local), llm_load_in_4bit=False)
+    assert model.llm_size == TINY["llm_hidden_size"]
+    model.eval()
+    with torch.no_grad():
+        scores = model.full_sort_predict(next(iter(test_data))[0])
+    assert scores.shape[1] == model.n_items and torch.isfinite(scores[:, 1:]).all()
+    with pytest.raises(FileNotFoundError, match="'llm_path'"):
+        build(sasrec_checkpoint, llm_cache, llm_path=str(tmp_path / "missing"))
