@@ -1,7 +1,8 @@
 """RecBole's ``Config`` for the plugin: resolves plugin model names and loads ``properties/`` on top.
 
 Order of precedence (lowest first), as in RecBole: RecBole's own property files, then this plugin's
-``properties/model/<model>.yaml`` and ``properties/dataset/<dataset>.yaml``, then ``--config_files``, then
+``properties/model/<model>.yaml`` (and first those of the model's plugin base classes) and
+``properties/dataset/<dataset>.yaml``, then ``--config_files``, then
 ``config_dict``, then ``--key=value`` on the command line.
 """
 
@@ -43,7 +44,10 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
-        self._load_plugin_property_file(root / "model" / f"{model}.yaml")
+        # A plugin model reads its base classes' property files first (UniformLoRA reads iLoRA.yaml, then its own).
+        for cls in reversed(model_class.__mro__):
+            if cls.__module__.startswith("recbole_ilora."):
+                self._load_plugin_property_file(root / "model" / f"{cls.__name__}.yaml")
         dataset_keys = self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml")
         self.parameters["Dataset"] += [key for key in dataset_keys if key not in self.parameters["Dataset"]]
 

@@ -74,3 +74,11 @@ def test_missing_properties_folder_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(config_module, "PROPERTIES_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="property files are missing"):
         Config(model="iLoRA", dataset="ml-100k")
+
+
+def test_uniform_lora_reads_ilora_keys_then_its_own():
+    config = Config(model="UniformLoRA", dataset="ml-100k")
+    ilora = Config(model="iLoRA", dataset="ml-100k")
+    assert config["gate_input"] == "none" and ilora["gate_input"] == "sasrec"
+    for key in ("lora_num_experts", "lora_expert_rank", "lora_alpha", "prompt_template", "epochs", "llm_hidden_size"):
+        assert config[key] == ilora[key], key

@@ -189,3 +189,22 @@ def test_gradients_flow_through_4bit_layers_after_a_no_grad_eval_forward(llm_dir
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
     for layer in moe.lora_layers.values():
         assert layer.lora_A[ADAPTER_NAME].weight.grad.abs().sum() > 0
+
+
+def test_all_ones_gate_is_exactly_one_plain_lora_of_the_same_rank(llm_dir):
+    """UniformLoRA's adapter: a gate of ones turns the mixture into peft's plain rank-K*r_e LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = inputs()
+    moe = wrap(load(llm_dir, False))
+    randomise_lora_b(moe)
+    plain = get_peft_model(
+        load(llm_dir, False),
+        LoraConfig(r=K * RANK_PER_EXPERT, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS),
+    ).eval()
+    plain.load_state_dict(moe.peft_model.state_dict())
+    with torch.no_grad(), moe.gate(torch.ones(3, K)):
+        gated = moe(input_ids=ids).logits
+    with torch.no_grad():
+        reference = plain(input_ids=ids).logits
+    assert torch.allclose(gated, reference, atol=1e-6, rtol=1e-6)

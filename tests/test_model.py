@@ -187,3 +187,54 @@ def test_llm_path_loads_a_local_checkpoint_through_the_same_pipeline(sasrec_chec
     assert scores.shape[1] == model.n_items and torch.isfinite(scores[:, 1:]).all()
     with pytest.raises(FileNotFoundError, match="'llm_path'"):
         build(sasrec_checkpoint, llm_cache, llm_path=str(tmp_path / "missing"))
+
+
+def test_uniform_lora_is_ilora_minus_the_gate(sasrec_checkpoint, llm_cache):
+    from recbole_ilora.model import UniformLoRA
+
+    config = tiny_config("UniformLoRA", sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    uniform = UniformLoRA(config, train_data._dataset)
+    _, ilora, *_ = build(sasrec_checkpoint, llm_cache)
+    assert uniform.gate_network is None
+    gate_names = {name for name in ilora.trainable_parameter_names() if name.startswith("gate_network.")}
+    assert gate_names and uniform.trainable_parameter_names() == ilora.trainable_parameter_names() - gate_names
+    batch = next(iter(train_data))
+    seq, seq_len = batch[uniform.ITEM_SEQ], batch[uniform.ITEM_SEQ_LEN]
+    gate = uniform.gate_weights(uniform.sequence_representation(seq, seq_len), None, None)
+    assert torch.equal(gate, torch.ones(len(seq), TINY["lora_num_experts"]))
+
+
+def test_uniform_lora_end_to_end(sasrec_checkpoint, llm_cache):
+    config = {**TINY, "model": "UniformLoRA", "epochs": 1}
+    result = objective_function(
+        config_dict={**config, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    )
+    assert result["model"] == "UniformLoRA"
+    assert_metrics_in_range(result, ["ndcg@10", "hit@1"])
+
+
+@pytest.mark.parametrize("gate_input", ["uniform", "prompt_mean"])
+def test_gate_input_ablations(sasrec_checkpoint, llm_cache, gate_input):
+    _, model, train_data, *_ = build(sasrec_checkpoint, llm_cache, gate_input=gate_input)
+    batch = next(iter(train_data))
+    seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    prompt = model.prompt_builder(seq, seq_len)
+    embeds = model.prompt_embeddings(prompt, model.llm.input_embeddings())
+    with torch.no_grad():
+        gate = model.gate_weights(model.sequence_representation(seq, seq_len), embeds, prompt.attention_mask)
+    assert gate.shape == (len(seq), TINY["lora_num_experts"])
+    assert torch.allclose(gate.sum(1), torch.ones(len(seq)))
+    if gate_input == "uniform":
+        assert model.gate_network is None and torch.equal(gate, torch.full_like(gate, 0.25))
+    else:
+        assert model.gate_network.in_features == TINY["llm_hidden_size"]
+        assert not torch.allclose(gate[0], gate[1])  # users with different prompts are routed differently
+    with torch.no_grad():
+        assert torch.isfinite(model.calculate_loss(batch))
+
+
+def test_unknown_gate_input_is_refused(sasrec_checkpoint, llm_cache):
+    with pytest.raises(ValueError, match="'gate_input'"):
+        build(sasrec_checkpoint, llm_cache, gate_input="user_id")

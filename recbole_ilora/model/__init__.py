@@ -9,5 +9,6 @@ from recbole_ilora import _compat
 _compat.apply()
 
 from recbole_ilora.model.ilora import iLoRA  # noqa: E402
+from recbole_ilora.model.uniform_lora import UniformLoRA  # noqa: E402
 
-__all__ = ["iLoRA"]
+__all__ = ["iLoRA", "UniformLoRA"]

@@ -6,6 +6,9 @@ item's SASRec embedding mapped by a trainable projector. Its adapter is a gated 
 experts, mixed per user by a gate network on the user's SASRec sequence representation (softmax over experts, one
 vector per sequence for every layer and token). The LLM's last hidden state, mapped to SASRec's item space by a
 trainable head, scores every item; training minimises cross-entropy over all items.
+
+Ablations (``gate_input``): ``sasrec`` (the paper's gate), ``uniform`` (every expert weighted 1/K for every user)
+and ``prompt_mean`` (the gate reads the mean of the LLM's prompt input embeddings instead of SASRec).
 """
 
 import torch
@@ -14,13 +17,15 @@ from torch import nn
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.gated_lora import MoELoRA
 
+GATE_INPUTS = ("sasrec", "uniform", "prompt_mean")
+
 
 class iLoRA(LLMSequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.num_experts = config["lora_num_experts"]
-        # Gate: SASRec sequence representation -> expert logits.
-        self.gate_network = nn.Linear(self.item_size, self.num_experts)
+        self.gate_input = config["gate_input"]
+        self.gate_network = self.build_gate()  # None for a constant gate
 
     def build_llm(self, backbone, config):
         return MoELoRA(
@@ -32,14 +37,31 @@ class iLoRA(LLMSequentialRecommender):
             target_modules=config["lora_target_modules"],
         )
 
-    def gate_weights(self, seq_repr):
-        """Softmax weights over the experts, ``[B, K]``, from the SASRec representation ``[B, d]``."""
-        return torch.softmax(self.gate_network(seq_repr), dim=-1)
+    def build_gate(self):
+        """The gate network: its input feature -> expert logits."""
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"Make sure 'gate_input' in {list(GATE_INPUTS)}, got {self.gate_input!r}.")
+        if self.gate_input == "uniform":
+            return None
+        in_features = self.item_size if self.gate_input == "sasrec" else self.llm_size
+        return nn.Linear(in_features, self.num_experts)
+
+    def gate_weights(self, seq_repr, inputs_embeds, attention_mask):
+        """Weights over the experts, ``[B, K]``, one row per sequence."""
+        if self.gate_network is None:  # uniform
+            return seq_repr.new_full((seq_repr.shape[0], self.num_experts), 1.0 / self.num_experts)
+        if self.gate_input == "sasrec":
+            features = seq_repr  # [B, d]
+        else:  # prompt_mean: masked mean of the prompt's input embeddings, [B, H]
+            mask = attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)  # [B, T, 1]
+            features = ((inputs_embeds * mask).sum(1) / mask.sum(1)).float()
+        return torch.softmax(self.gate_network(features), dim=-1)
 
     def forward(self, item_seq, item_seq_len):
         seq_repr = self.sequence_representation(item_seq, item_seq_len)  # [B, d]
         prompt = self.prompt_builder(item_seq, item_seq_len)
         inputs_embeds = self.prompt_embeddings(prompt, self.llm.input_embeddings())  # [B, T, H]
-        with self.llm.gate(self.gate_weights(seq_repr)):
+        gate = self.gate_weights(seq_repr, inputs_embeds, prompt.attention_mask)  # [B, K]
+        with self.llm.gate(gate):
             hidden = self.last_hidden_state(self.llm.decoder(), prompt, inputs_embeds)  # [B, H]
         return self.score_head(hidden)  # [B, d]
