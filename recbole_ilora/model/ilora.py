@@ -57,11 +57,19 @@ class iLoRA(LLMSequentialRecommender):
             features = ((inputs_embeds * mask).sum(1) / mask.sum(1)).float()
         return torch.softmax(self.gate_network(features), dim=-1)
 
-    def forward(self, item_seq, item_seq_len):
+    def _encode_prompt(self, item_seq, item_seq_len):
         seq_repr = self.sequence_representation(item_seq, item_seq_len)  # [B, d]
         prompt = self.prompt_builder(item_seq, item_seq_len)
         inputs_embeds = self.prompt_embeddings(prompt, self.llm.input_embeddings())  # [B, T, H]
         gate = self.gate_weights(seq_repr, inputs_embeds, prompt.attention_mask)  # [B, K]
+        return prompt, inputs_embeds, gate
+
+    def routing(self, item_seq, item_seq_len):
+        """The expert weights each history is routed with, ``[B, K]`` (no LLM forward)."""
+        return self._encode_prompt(item_seq, item_seq_len)[2]
+
+    def forward(self, item_seq, item_seq_len):
+        prompt, inputs_embeds, gate = self._encode_prompt(item_seq, item_seq_len)
         with self.llm.gate(gate):
             hidden = self.last_hidden_state(self.llm.decoder(), prompt, inputs_embeds)  # [B, H]
         return self.score_head(hidden)  # [B, d]

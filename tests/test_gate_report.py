@@ -1,0 +1,35 @@
+"""Reloading a saved iLoRA checkpoint and exporting how it routes every test user."""
+
+import math
+import os
+
+import torch
+from conftest import TINY
+
+from recbole_ilora.gate_report import gate_records, load_data_and_model, summarize
+from recbole_ilora.quick_start import objective_function
+
+
+def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cache):
+    config = {**TINY, "model": "iLoRA", "epochs": 1, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    result = objective_function(config_dict=config)
+    (path,) = [os.path.join("saved", name) for name in os.listdir("saved") if name.startswith("iLoRA-")]
+
+    loaded_config, model, dataset, _, _, test_data = load_data_and_model(path)
+    assert loaded_config["sasrec_checkpoint"] == sasrec_checkpoint
+    assert loaded_config["lora_num_experts"] == TINY["lora_num_experts"] and loaded_config["epochs"] == 1
+    assert loaded_config["MAX_ITEM_LIST_LENGTH"] == TINY["MAX_ITEM_LIST_LENGTH"]
+    saved_state = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in saved_state.items())
+
+    records = gate_records(model, test_data)
+    assert len(records) == dataset.user_num - 1  # every test user once
+    assert len({r["user_id"] for r in records}) == len(records)
+    for record in records:
+        assert len(record["weights"]) == TINY["lora_num_experts"]
+        assert math.isclose(sum(record["weights"]), 1.0, rel_tol=1e-5)
+        assert 0.0 <= record["entropy"] <= math.log(TINY["lora_num_experts"]) + 1e-6
+    summary = summarize(records)
+    assert sum(summary["users_led_by_expert"]) == len(records)
+    assert summary["max_entropy"] == math.log(TINY["lora_num_experts"])
+    assert result["test_result"] is not None
