@@ -58,6 +58,8 @@ def pretrain_sasrec(config, show_progress=False):
 def prepare_model(config, train_data, show_progress=False):
     """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one."""
     model_class = get_model(config["model"])
+    if issubclass(model_class, LLMSequentialRecommender):
+        model_class.check_config(config)  # before the SASRec pretraining, not after it
     if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
         config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])

@@ -238,3 +238,23 @@ def test_gate_input_ablations(sasrec_checkpoint, llm_cache, gate_input):
 def test_unknown_gate_input_is_refused(sasrec_checkpoint, llm_cache):
     with pytest.raises(ValueError, match="'gate_input'"):
         build(sasrec_checkpoint, llm_cache, gate_input="user_id")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora_num_experts", 0, "'lora_num_experts' is an integer >= 1"),
+        ("lora_expert_rank", 2.5, "'lora_expert_rank' is an integer >= 1"),
+        ("lora_dropout", 1.0, "'lora_dropout' is a number in [0.0, 1.0)"),
+        ("lora_alpha", -1, "'lora_alpha' is a number > 0"),
+        ("lora_target_modules", [], "'lora_target_modules' is a non-empty list"),
+        ("llm_eval_batch_size", "all", "'llm_eval_batch_size' is an integer >= 1"),
+        ("llm_num_heads", 3, "'llm_hidden_size' is a multiple of 'llm_num_heads'"),
+    ],
+)
+def test_bad_values_are_refused_before_any_training(key, value, message, llm_cache):
+    config = {**TINY, "model": "iLoRA", "llm_cache_dir": llm_cache, key: value}
+    with pytest.raises(ValueError) as error:
+        objective_function(config_dict=config)
+    assert message in str(error.value)
+    assert not os.path.exists("saved") or not any(name.endswith(".pth") for name in os.listdir("saved"))

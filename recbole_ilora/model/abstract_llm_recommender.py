@@ -21,12 +21,27 @@ from torch import nn
 from recbole_ilora.model.backbone import load_backbone
 from recbole_ilora.model.prompt import PromptBuilder, fill_missing_texts, item_texts, split_template
 from recbole_ilora.model.sequence_encoder import build_frozen_sasrec
+from recbole_ilora.validation import require_int, require_positive
 
 
 class LLMSequentialRecommender(SequentialRecommender):
     input_type = InputType.POINTWISE
 
+    @classmethod
+    def check_config(cls, config):
+        """Reject out-of-range or mistyped keys before any data is prepared or model trained."""
+        require_int(config, "llm_eval_batch_size", 1)
+        require_int(config, "prompt_max_title_tokens", 1)
+        require_positive(config, "learning_rate")
+        if not config["llm_path"]:
+            for key in ("llm_hidden_size", "llm_num_layers", "llm_num_heads", "llm_intermediate_size"):
+                require_int(config, key, 1)
+            require_int(config, "llm_vocab_size", 16)
+            if config["llm_hidden_size"] % config["llm_num_heads"]:
+                raise ValueError("Make sure 'llm_hidden_size' is a multiple of 'llm_num_heads'.")
+
     def __init__(self, config, dataset):
+        self.check_config(config)
         super().__init__(config, dataset)
         self.eval_batch_size = config["llm_eval_batch_size"]
 

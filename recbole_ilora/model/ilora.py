@@ -16,11 +16,21 @@ from torch import nn
 
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.gated_lora import MoELoRA
+from recbole_ilora.validation import require_float, require_int, require_positive, require_str_list
 
 GATE_INPUTS = ("sasrec", "uniform", "prompt_mean")
 
 
 class iLoRA(LLMSequentialRecommender):
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        require_int(config, "lora_num_experts", 1)
+        require_int(config, "lora_expert_rank", 1)
+        require_positive(config, "lora_alpha")
+        require_float(config, "lora_dropout", 0.0, 1.0)
+        require_str_list(config, "lora_target_modules")
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.num_experts = config["lora_num_experts"]
