@@ -250,6 +250,7 @@ def test_unknown_gate_input_is_refused(sasrec_checkpoint, llm_cache):
         ("lora_target_modules", [], "'lora_target_modules' is a non-empty list"),
         ("llm_eval_batch_size", "all", "'llm_eval_batch_size' is an integer >= 1"),
         ("llm_num_heads", 3, "'llm_hidden_size' is a multiple of 'llm_num_heads'"),
+        ("gate_input", "user_id", "'gate_input' in ['sasrec', 'uniform', 'prompt_mean']"),
     ],
 )
 def test_bad_values_are_refused_before_any_training(key, value, message, llm_cache):

@@ -22,9 +22,13 @@ GATE_INPUTS = ("sasrec", "uniform", "prompt_mean")
 
 
 class iLoRA(LLMSequentialRecommender):
+    gate_inputs = GATE_INPUTS  # the values of 'gate_input' this model accepts
+
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
+        if config["gate_input"] not in cls.gate_inputs:
+            raise ValueError(f"Make sure 'gate_input' in {list(cls.gate_inputs)}, got {config['gate_input']!r}.")
         require_int(config, "lora_num_experts", 1)
         require_int(config, "lora_expert_rank", 1)
         require_positive(config, "lora_alpha")
@@ -49,8 +53,6 @@ class iLoRA(LLMSequentialRecommender):
 
     def build_gate(self):
         """The gate network: its input feature -> expert logits."""
-        if self.gate_input not in GATE_INPUTS:
-            raise ValueError(f"Make sure 'gate_input' in {list(GATE_INPUTS)}, got {self.gate_input!r}.")
         if self.gate_input == "uniform":
             return None
         in_features = self.item_size if self.gate_input == "sasrec" else self.llm_size

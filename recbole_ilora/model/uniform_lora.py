@@ -10,6 +10,8 @@ from recbole_ilora.model.ilora import iLoRA
 
 
 class UniformLoRA(iLoRA):
+    gate_inputs = ("none",)
+
     def build_gate(self):
         return None
 
