@@ -4,13 +4,18 @@ data loaders, trainer and evaluator (without importing ``recbole.quick_start``, 
 For the plugin's LLM models without a ``sasrec_checkpoint``, a SASRec is first trained on the same dataset, split
 and data loaders settings (RecBole's SASRec and Trainer, ``sasrec_*`` keys), saved like ``--model=SASRec`` would save
 it, and handed to the model as its frozen collaborative encoder. RecBole's FLOPs report is not computed.
+``load_data_and_model`` reloads a checkpoint saved this way (weights-only), as RecBole's function of that name.
 """
 
 import copy
 import logging
+import os
 import sys
+import tempfile
 from logging import getLogger
 
+import torch
+import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import InputType, get_environment, init_logger, init_seed, set_color
 
@@ -124,3 +129,49 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
     return {"model": config["model"], **train_and_evaluate(config, saved=saved, verbose=False)}
+
+
+# Keys RecBole's Config derives itself; a checkpoint's copies are not passed back.
+_DERIVED_KEYS = {
+    "MODEL_TYPE",
+    "MODEL_INPUT_TYPE",
+    "eval_type",
+    "device",
+    "single_spec",
+    "local_rank",
+    "valid_neg_sample_args",
+    "test_neg_sample_args",
+    "data_path",
+    "model",
+    "dataset",
+}
+
+
+def load_data_and_model(model_file):
+    """RecBole's ``load_data_and_model`` for checkpoints saved through this plugin (weights-only loading).
+
+    Returns:
+        tuple: ``config, model, dataset, train_data, valid_data, test_data``, the model in eval mode.
+    """
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=True)
+    saved = checkpoint["config"]
+    restored = {key: value for key, value in saved.items() if key not in _DERIVED_KEYS}
+    if restored.get("train_neg_sample_args", {}).get("distribution") == "none":  # RecBole's expansion of None
+        restored["train_neg_sample_args"] = None
+    if saved["dataset"] != "ml-100k":  # RecBole stores data_path joined with the dataset name
+        restored["data_path"] = os.path.dirname(os.path.normpath(saved["data_path"]))
+    # Through a YAML file, not config_dict: RecBole eval()s config_dict strings (prompt templates, paths).
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as file:
+        yaml.safe_dump(restored, file, allow_unicode=True)
+    try:
+        config = Config(model=saved["model"], dataset=saved["dataset"], config_file_list=[file.name])
+    finally:
+        os.remove(file.name)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model.eval(), dataset, train_data, valid_data, test_data

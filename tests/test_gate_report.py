@@ -6,8 +6,8 @@ import os
 import torch
 from conftest import TINY
 
-from recbole_ilora.gate_report import gate_records, load_data_and_model, summarize
-from recbole_ilora.quick_start import objective_function
+from recbole_ilora.gate_report import gate_records, summarize
+from recbole_ilora.quick_start import load_data_and_model, objective_function
 
 
 def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cache):
