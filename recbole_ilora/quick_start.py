@@ -5,6 +5,12 @@ For the plugin's LLM models without a ``sasrec_checkpoint``, a SASRec is first t
 and data loaders settings (RecBole's SASRec and Trainer, ``sasrec_*`` keys), saved like ``--model=SASRec`` would save
 it, and handed to the model as its frozen collaborative encoder. RecBole's FLOPs report is not computed.
 ``load_data_and_model`` reloads a checkpoint saved this way (weights-only), as RecBole's function of that name.
+
+``test_modes`` (a list of RecBole evaluation modes, e.g. ``[full, uni19]``; set in ``properties/dataset/``) tests the
+trained model on the test split once per mode, after the usual test. These loaders use the sequential layout for
+every model, RecBole's general ones such as Pop included, so that every model is tested on the same users, targets
+and, for sampled modes, the same candidates (RecBole's repeatable sampler, which excludes only the target, re-seeded
+with ``seed`` before each mode).
 """
 
 import copy
@@ -17,7 +23,8 @@ from logging import getLogger
 import torch
 import yaml
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import InputType, get_environment, init_logger, init_seed, set_color
+from recbole.data.utils import create_samplers, get_dataloader
+from recbole.utils import InputType, ModelType, get_environment, init_logger, init_seed, set_color
 
 from recbole_ilora.config import Config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
@@ -71,6 +78,35 @@ def prepare_model(config, train_data, show_progress=False):
     return model_class(config, train_data._dataset).to(config["device"])
 
 
+def protocol_test_data(config, mode):
+    """RecBole's test loader for ``config``'s dataset and split, evaluated under ``mode`` ('full', 'uni19',
+    'pop100', ...), in the sequential layout whatever the model (see the module docstring)."""
+    test_config = copy.deepcopy(config)
+    test_config["eval_args"] = {**config["eval_args"], "mode": {**config["eval_args"]["mode"], "test": mode}}
+    test_config._set_eval_neg_sample_args("test")
+    test_config["MODEL_TYPE"] = ModelType.SEQUENTIAL
+    test_config["repeatable"] = True
+    dataset = create_dataset(test_config)
+    built_datasets = dataset.build()
+    _, _, test_sampler = create_samplers(test_config, dataset, built_datasets)
+    return get_dataloader(test_config, "test")(test_config, built_datasets[2], test_sampler, shuffle=False)
+
+
+def evaluate_test_modes(config, trainer, show_progress=False):
+    """The trained model (already holding its best weights) tested under every mode of ``config['test_modes']``.
+
+    Returns:
+        dict: mode -> RecBole's OrderedDict of metrics.
+    """
+    results = {}
+    for mode in config["test_modes"] or []:
+        test_data = protocol_test_data(config, mode)
+        init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates for every model
+        results[mode] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+        getLogger().info(set_color(f"test result ({mode})", "yellow") + f": {results[mode]}")
+    return results
+
+
 def train_and_evaluate(config, saved=True, verbose=True):
     """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict."""
     logger = getLogger()
@@ -88,6 +124,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+    test_results = evaluate_test_modes(config, trainer, show_progress)
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -97,6 +134,9 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "test_results": test_results,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 
@@ -104,7 +144,8 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
     """Train and test ``model`` on ``dataset`` (any plugin or RecBole model), as ``recbole.quick_start.run_recbole``.
 
     Returns:
-        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``.
+        dict: RecBole's ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``; and
+        ``test_results`` (mode -> metrics, for ``test_modes``), ``saved_model_file``, ``trainable_parameters``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])

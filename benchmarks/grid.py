@@ -1,0 +1,599 @@
+"""The benchmark grid: models x datasets x seeds through ``run_recbole_ilora``'s steps, resumable, with reports.
+
+    python benchmarks/grid.py                       # the whole grid (hours on 2 CPU cores); rerun to resume
+    python benchmarks/grid.py --datasets ml-100k --seeds 2020 --rows SASRec iLoRA UniformLoRA
+    python benchmarks/grid.py --status              # what is done and what is pending, without running
+    python benchmarks/grid.py --report-only         # rewrite results/ from the finished runs
+    python benchmarks/grid.py --quick --output /tmp/quick   # a tiny grid (minutes), as the test suite runs it
+
+Every run is a subprocess (``--worker``) that trains and tests one row on one dataset with one seed and writes
+``<output>/runs/<dataset>/<row>-seed<seed>-<hash>.json`` atomically when it has finished; ``<hash>`` digests the
+run's resolved RecBole configuration, so a finished run is skipped and a changed setting is run anew. Killing the
+grid loses at most the run in progress. Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
+
+Rows: RecBole's Pop, GRU4Rec, Caser, SASRec and BERT4Rec (RecBole's defaults, the training budget of
+``properties/benchmark/baselines.yaml``); ``SASRec-encoder``, the SASRec that iLoRA's shipped defaults pretrain
+(``sasrec_*`` keys), trained once per dataset and seed and given, frozen, to every LLM row of that dataset and seed;
+UniformLoRA; iLoRA (4 experts x rank 2, SASRec gate); and iLoRA's ablations: experts at total rank 8 (K1, K2, K8)
+and the gate input (uniform, prompt_mean). LLM rows run with the shipped defaults; nothing is tuned on any split.
+Each run is tested on the same loaders (``test_modes`` of ``properties/dataset/``: full ranking and uni19).
+
+After the runs, ``<output>/<dataset>.md`` (tables: mean +- std over seeds per protocol, best per column in bold,
+gate statistics, commands, commit, hardware, wall times, the dataset's statistics and property file),
+``<output>/<dataset>.png`` (full NDCG@10 and uni19 Hit@1 per row) and ``<output>/<dataset>.gates.png`` (how
+iLoRA's gate routes users, next to the prompt-mean and uniform gates) are written.
+"""
+
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STARTED = time.time()
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's recbole_ilora, even where another one is installed
+PROPERTIES = REPO / "properties"
+BASELINE_BUDGET = PROPERTIES / "benchmark" / "baselines.yaml"
+QUICK = PROPERTIES / "benchmark" / "quick.yaml"
+
+# name: (kind, model, overrides, description)
+ROWS = {
+    "Pop": ("baseline", "Pop", {}, "RecBole Pop (item popularity in the training split)"),
+    "GRU4Rec": ("baseline", "GRU4Rec", {}, "RecBole GRU4Rec"),
+    "Caser": ("baseline", "Caser", {}, "RecBole Caser"),
+    "SASRec": ("baseline", "SASRec", {}, "RecBole SASRec"),
+    "BERT4Rec": ("baseline", "BERT4Rec", {}, "RecBole BERT4Rec"),
+    "SASRec-encoder": ("encoder", "iLoRA", {}, "RecBole SASRec with iLoRA's sasrec_* keys: every LLM row's encoder"),
+    "UniformLoRA": ("llm", "UniformLoRA", {}, "one LoRA of rank 8 for every user (iLoRA minus the gate)"),
+    "iLoRA": ("llm", "iLoRA", {}, "iLoRA: 4 experts x rank 2, SASRec gate (the paper's)"),
+    "iLoRA-K1": ("llm", "iLoRA", {"lora_num_experts": 1, "lora_expert_rank": 8}, "iLoRA, 1 expert x rank 8"),
+    "iLoRA-K2": ("llm", "iLoRA", {"lora_num_experts": 2, "lora_expert_rank": 4}, "iLoRA, 2 experts x rank 4"),
+    "iLoRA-K8": ("llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA, 8 experts x rank 1"),
+    "iLoRA-gate-uniform": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA, 4x2, gate fixed at 1/4"),
+    "iLoRA-gate-prompt_mean": ("llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA, 4x2, gate on the prompt mean"),
+}
+ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
+QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform"]
+GATE_PLOT_ROWS = ["iLoRA", "iLoRA-gate-prompt_mean", "iLoRA-gate-uniform"]
+DATASETS = {  # name: data_path relative to the repository (None: RecBole's bundled data)
+    "ml-100k": None,
+    "lastfm": "benchmarks/data",
+}
+QUICK_DATASETS = {"lastfm-tiny": "tests/data"}
+SEEDS = [2020, 2021, 2022]
+
+# Keys that name places or the machine, not the experiment; left out of the run's hash.
+VOLATILE_KEYS = {
+    "checkpoint_dir", "data_path", "device", "gpu_id", "use_gpu", "show_progress", "state", "local_rank",
+    "single_spec", "nproc", "world_size", "offset", "ip", "port", "sasrec_checkpoint", "llm_cache_dir",
+    "log_wandb", "wandb_project", "worker", "config_files",
+}  # fmt: skip
+# Keys added after runs were recorded, at the values that reproduce what those runs did: left out of the hash at
+# these values, so that a new option does not invalidate finished runs (a key at another value changes the hash).
+NEUTRAL_DEFAULTS = {}
+FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]
+SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
+PROTOCOLS = {"full": FULL_METRICS, "uni19": SAMPLED_METRICS}
+
+
+# ----------------------------------------------------------------------------------------------------- planning
+def config_files(dataset, kind, quick):
+    """Property files of a run, lowest precedence first (the plugin's Config adds the model's and dataset's own)."""
+    files = []
+    if quick:
+        files.append(PROPERTIES / "dataset" / "lastfm.yaml")  # the tiny fixture is a LastFM subset
+    if kind == "baseline":
+        files.append(BASELINE_BUDGET)
+    if quick:
+        files.append(QUICK)
+    return [str(path) for path in files]
+
+
+def data_path(dataset, quick):
+    relative = (QUICK_DATASETS if quick else DATASETS)[dataset]
+    return None if relative is None else str(REPO / relative)
+
+
+def resolve_config(model, dataset, files, config_dict):
+    """The run's resolved RecBole configuration (the command line of this process is not read)."""
+    from recbole_ilora.config import Config
+
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
+    finally:
+        sys.argv = argv
+
+
+def config_hash(config, extra=""):
+    settings = {
+        key: value
+        for key, value in config.final_config_dict.items()
+        if key not in VOLATILE_KEYS and not (key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == value)
+    }
+    text = json.dumps(settings, sort_keys=True, default=str) + extra
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def plan(datasets, rows, seeds, quick):
+    """Every run of the grid: the main rows of every seed first, then the ablations (so that a partial grid already
+    compares iLoRA, UniformLoRA and the baselines over seeds); encoders before the LLM rows that need them."""
+    from recbole_ilora.quick_start import sasrec_pretraining_config
+
+    runs = []
+    for seed in seeds:
+        for dataset in datasets:
+            wanted = list(rows)
+            if any(ROWS[row][0] == "llm" for row in wanted) and "SASRec-encoder" not in wanted:
+                wanted.insert(0, "SASRec-encoder")
+            wanted.sort(key=lambda row: list(ROWS).index(row))
+            encoder_id = None
+            for row in wanted:
+                kind, model, overrides, _ = ROWS[row]
+                config_dict = {"seed": seed, "show_progress": False, **overrides}
+                path = data_path(dataset, quick)
+                if path:
+                    config_dict["data_path"] = path
+                files = config_files(dataset, kind, quick)
+                config = resolve_config(model, dataset, files, config_dict)
+                if kind == "encoder":
+                    config = sasrec_pretraining_config(config)
+                run_hash = config_hash(config, extra=encoder_id if kind == "llm" else "")
+                run_id = f"{row}-seed{seed}-{run_hash}"
+                if kind == "encoder":
+                    encoder_id = run_id
+                runs.append(
+                    {
+                        "run_id": run_id,
+                        "row": row,
+                        "kind": kind,
+                        "model": model,
+                        "dataset": dataset,
+                        "seed": seed,
+                        "config_files": files,
+                        "config_dict": config_dict,
+                        "encoder": encoder_id if kind == "llm" else None,
+                        "command": runner_command(config, model, dataset, files, config_dict, kind),
+                    }
+                )
+    return sorted(runs, key=lambda run: (run["row"] in ABLATIONS, seeds.index(run["seed"])))  # stable
+
+
+def runner_command(config, model, dataset, files, config_dict, kind):
+    """The single ``run_recbole_ilora.py`` command that reproduces a run (LLM rows: with the encoder's path)."""
+    if kind == "encoder":
+        keys = ["epochs", "learning_rate", "train_batch_size", "stopping_step"]
+        overrides = {key: config[key] for key in keys}
+        parts = ["python run_recbole_ilora.py", "--model=SASRec", f"--dataset={dataset}"]
+        parts += [f"--{key}={value}" for key, value in {**config_dict, **overrides}.items()]
+    else:
+        parts = ["python run_recbole_ilora.py", f"--model={model}", f"--dataset={dataset}"]
+        parts += [f"--{key}={value}" for key, value in config_dict.items()]
+    if files:
+        parts.append('--config_files="' + " ".join(os.path.relpath(f, REPO) for f in files) + '"')
+    if kind == "llm":
+        parts.append("--sasrec_checkpoint=<the SASRec-encoder checkpoint of this seed>")
+    return " ".join(parts).replace(str(REPO) + os.sep, "")
+
+
+# ----------------------------------------------------------------------------------------------------- running
+def run_file(output, run):
+    return Path(output) / "runs" / run["dataset"] / f"{run['run_id']}.json"
+
+
+def finished(output, run):
+    """A run is done when its JSON exists (an encoder also needs its checkpoint, which LLM rows load)."""
+    path = run_file(output, run)
+    if not path.exists():
+        return False
+    if run["kind"] == "encoder":
+        return Path(json.loads(path.read_text())["saved_model_file"]).exists()
+    return True
+
+
+def write_json_atomically(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        json.dump(payload, file, indent=1, default=str)
+        file.flush()
+        os.fsync(file.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
+    os.replace(staging, path)
+
+
+def execute(runs, output, work, after_each=None):
+    """Run every unfinished run in order as a subprocess (``after_each()`` after each); returns the failed ids."""
+    work = Path(work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    failed = []
+    pending = [run for run in runs if not finished(output, run)]
+    print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; {len(pending)} to go", flush=True)
+    for number, run in enumerate(pending, 1):
+        if run["encoder"] and (run["encoder"] in failed or not _encoder_ready(output, run, runs)):
+            print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, its encoder is missing", flush=True)
+            failed.append(run["run_id"])
+            continue
+        spec = {**run, "output": str(run_file(output, run))}
+        if run["encoder"]:
+            encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
+            spec["encoder_file"] = str(run_file(output, encoder_run))
+        spec_path = work / "logs" / f"{run['run_id']}.spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        log_path = work / "logs" / f"{run['run_id']}.log"
+        print(f"[{number}/{len(pending)}] {run['run_id']} ... ", end="", flush=True)
+        started = time.time()
+        with open(log_path, "w", encoding="utf-8") as log:
+            code = subprocess.call(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                cwd=work,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        elapsed = time.time() - started
+        if code == 0 and run_file(output, run).exists():
+            print(f"done in {elapsed / 60:.1f} min", flush=True)
+        else:
+            failed.append(run["run_id"])
+            print(f"FAILED (exit {code}) after {elapsed / 60:.1f} min; log: {log_path}", flush=True)
+            print("".join(open(log_path, encoding="utf-8").readlines()[-15:]), flush=True)
+        if after_each:
+            after_each()
+    return failed
+
+
+def _encoder_ready(output, run, runs):
+    encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
+    return finished(output, encoder_run)
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def git_commit():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "recbole_ilora", "properties", "benchmarks")
+    return commit + ("+uncommitted" if dirty else "")
+
+
+def worker(spec_path):
+    """Train and test one run; write its JSON (metrics, wall time, commit, hardware) only when everything ended."""
+    spec = json.loads(Path(spec_path).read_text())
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line; this one is ours
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_ilora.quick_start import sasrec_pretraining_config, train_and_evaluate
+
+    config_dict = dict(spec["config_dict"])
+    if spec.get("encoder_file"):
+        config_dict["sasrec_checkpoint"] = json.loads(Path(spec["encoder_file"]).read_text())["saved_model_file"]
+    config = resolve_config(spec["model"], spec["dataset"], spec["config_files"], config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    if spec["kind"] == "encoder":
+        config = sasrec_pretraining_config(config)
+    result = train_and_evaluate(config, saved=True, verbose=False)
+    saved_model_file = str(Path(result["saved_model_file"]).resolve())
+    record = {
+        "run_id": spec["run_id"],
+        "row": spec["row"],
+        "kind": spec["kind"],
+        "model": config["model"],
+        "dataset": spec["dataset"],
+        "seed": spec["seed"],
+        "command": spec["command"],
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "wall_seconds": time.time() - STARTED,
+        "trainable_parameters": result["trainable_parameters"],
+        "best_valid_score": result["best_valid_score"],
+        "valid": dict(result["best_valid_result"]),
+        "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
+        "saved_model_file": saved_model_file,
+        "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
+    }
+    if spec["kind"] == "llm" and config["gate_input"] != "none":
+        record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
+    write_json_atomically(spec["output"], record)
+
+
+def export_gates(checkpoint, path):
+    """Every test user's expert weights (rounded, JSON lines next to the run's JSON) and their summary."""
+    from recbole_ilora.gate_report import gate_records, summarize
+    from recbole_ilora.quick_start import load_data_and_model
+
+    _, model, _, _, _, test_data = load_data_and_model(checkpoint)
+    records = gate_records(model, test_data)
+    with open(path, "w", encoding="utf-8") as file:
+        for record in records:
+            record = {
+                **record,
+                "weights": [round(w, 5) for w in record["weights"]],
+                "entropy": round(record["entropy"], 5),
+            }
+            file.write(json.dumps(record) + "\n")
+    return summarize(records)
+
+
+# ----------------------------------------------------------------------------------------------------- reporting
+def mean_std(values):
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(mean, std, digits=4):
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+@functools.cache
+def dataset_statistics(dataset, quick):
+    from recbole.data import create_dataset
+
+    config_dict = {"show_progress": False}
+    if data_path(dataset, quick):
+        config_dict["data_path"] = data_path(dataset, quick)
+    config = resolve_config("SASRec", dataset, config_files(dataset, "baseline", quick), config_dict)
+    data = create_dataset(config)
+    users, items = data.user_num - 1, data.item_num - 1
+    return {
+        "users": users,
+        "items": items,
+        "interactions": data.inter_num,
+        "mean_sequence_length": data.inter_num / users,
+        "density": data.inter_num / (users * items),
+    }
+
+
+def report(runs, output, quick):
+    """Write ``<output>/<dataset>.md`` and its PNGs from the finished runs of the plan."""
+    for dataset in dict.fromkeys(run["dataset"] for run in runs):
+        planned = [run for run in runs if run["dataset"] == dataset]
+        done = [json.loads(run_file(output, run).read_text()) for run in planned if run_file(output, run).exists()]
+        rows = list(dict.fromkeys(run["row"] for run in planned))
+        by_row = {row: [record for record in done if record["row"] == row] for row in rows}
+        markdown = render_markdown(dataset, planned, by_row, quick)
+        Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
+        if done:
+            plot_rows(dataset, by_row, Path(output, f"{dataset}.png"))
+            plot_gates(dataset, by_row, output, Path(output, f"{dataset}.gates.png"))
+        print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def protocol_table(by_row, mode, metrics):
+    stats = {
+        row: {metric: mean_std([r["test"][mode][metric] for r in records]) for metric in metrics}
+        for row, records in by_row.items()
+        if records
+    }
+    best = {metric: max((s[metric][0] for s in stats.values()), default=None) for metric in metrics}
+    lines = [
+        "| model | seeds | " + " | ".join(metrics) + " | trainable params | wall min/run |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|",
+    ]
+    for row, records in by_row.items():
+        if not records:
+            lines.append(f"| {row} | 0 | " + " | ".join("–" for _ in metrics) + " | – | – |")
+            continue
+        cells = []
+        for metric in metrics:
+            mean, std = stats[row][metric]
+            cell = fmt(mean, std)
+            cells.append(f"**{cell}**" if math.isclose(mean, best[metric], rel_tol=0, abs_tol=1e-12) else cell)
+        params = records[0]["trainable_parameters"]
+        minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
+        lines.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def gate_table(by_row):
+    lines = [
+        "| model | seeds | K | mean gate entropy (nats) | ln K | exp(entropy): effective experts | "
+        "share of users led by each expert (per seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row, records in by_row.items():
+        gated = [r for r in records if r.get("gate")]
+        if not gated:
+            continue
+        k = gated[0]["gate"]["num_experts"]
+        entropy = mean_std([r["gate"]["mean_entropy"] for r in gated])
+        leads = "; ".join(
+            "/".join(f"{n / r['gate']['users']:.2f}" for n in r["gate"]["users_led_by_expert"]) for r in gated
+        )
+        lines.append(
+            f"| {row} | {len(gated)} | {k} | {fmt(*entropy, digits=3)} | {math.log(k):.3f} | "
+            f"{math.exp(entropy[0]):.2f} | {leads} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(dataset, planned, by_row, quick):
+    done = [record for records in by_row.values() for record in records]
+    commits = sorted({record["commit"] for record in done})
+    machines = sorted({record["hardware"] for record in done})
+    total = sum(record["wall_seconds"] for record in done)
+    properties = PROPERTIES / "dataset" / f"{'lastfm' if quick else dataset}.yaml"
+    stats = dataset_statistics(dataset, quick)
+    seeds = sorted({run["seed"] for run in planned})
+    command = "python benchmarks/grid.py" + (" --quick" if quick else "")
+    command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
+    out = [f"# {dataset}: iLoRA, uniform LoRA and RecBole's sequential baselines", ""]
+    if len(done) < len(planned):
+        out += [f"**Incomplete grid: {len(done)} of {len(planned)} runs finished.** Rerun the command to resume.", ""]
+    out += [
+        f"Produced by `{command}` (rows: {', '.join(by_row)}), commit{'s' if len(commits) > 1 else ''} "
+        f"{', '.join(f'`{c}`' for c in commits) or '–'}, on {'; '.join(machines) or '–'}. "
+        f"Total compute of the finished runs: {total / 3600:.2f} h. Mean ± sample standard deviation over seeds "
+        f"{', '.join(map(str, seeds))}; the best mean per column is in bold. Raw per-run JSON: "
+        f"`runs/{dataset}/`.",
+        "",
+        "## Full ranking (test)",
+        "",
+        "Every item is ranked for every test user (RecBole `full`). In this leave-one-out split each user has one "
+        "target, so Recall@k equals Hit@k (both are in the raw JSON).",
+        "",
+        protocol_table(by_row, "full", FULL_METRICS),
+        "",
+        "## 20 candidates (`uni19`, test)",
+        "",
+        "The target and 19 items sampled uniformly by RecBole's repeatable sampler (which excludes only the target), "
+        "re-seeded with the run's seed before testing: every row of a seed ranks the same candidates.",
+        "",
+        protocol_table(by_row, "uni19", SAMPLED_METRICS),
+        "",
+        "## Does the gate differentiate users?",
+        "",
+        "Gate weights of every test user, from the best checkpoint of each run (`runs/<run>.gates.jsonl`). A gate "
+        "that ignores the user has entropy ln K and leads nobody in particular; see "
+        f"`{dataset}.gates.png` (first seed).",
+        "",
+        gate_table(by_row),
+        "",
+        "## Rows",
+        "",
+        "| row | what it is | command of one run (seed shown for the first seed) |",
+        "|---|---|---|",
+    ]
+    for row in by_row:
+        run = next(r for r in planned if r["row"] == row)
+        out.append(f"| {row} | {ROWS[row][3]} | `{run['command']}` |")
+    out += [
+        "",
+        "Training budget: no hyperparameter was tuned for any row, on any split. RecBole's models use RecBole's "
+        f"defaults and the budget of `{os.path.relpath(BASELINE_BUDGET, REPO)}` (early stopping on validation "
+        "NDCG@10); the LLM rows use the plugin's shipped defaults (`properties/model/iLoRA.yaml`: 1 epoch); the "
+        "SASRec encoder uses iLoRA's `sasrec_*` keys. The LLM rows' wall time excludes the encoder's "
+        "(its own row), which the shipped `--model=iLoRA` command spends first.",
+        "",
+        "## Dataset",
+        "",
+        f"{stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
+        f"(mean {stats['mean_sequence_length']:.1f} per user, density {stats['density']:.4f}). Property file "
+        f"`{os.path.relpath(properties, REPO)}`:",
+        "",
+        "```yaml",
+        properties.read_text(encoding="utf-8").rstrip(),
+        "```",
+        "",
+        "## Runs",
+        "",
+        "| run | finished | wall min | commit |",
+        "|---|---|---|---|",
+    ]
+    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
+        out.append(
+            f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | {record['commit']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def plot_rows(dataset, by_row, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row, records in by_row.items() if records]
+    colours = ["tab:red" if row == "iLoRA" else "tab:blue" if row == "UniformLoRA" else "tab:gray" for row in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, (mode, metric) in zip(axes, [("full", "ndcg@10"), ("uni19", "hit@1")], strict=True):
+        stats = [mean_std([r["test"][mode][metric] for r in by_row[row]]) for row in rows]
+        axis.bar(rows, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], color=colours, capsize=3)
+        axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")
+        axis.tick_params(axis="x", rotation=60)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_gates(dataset, by_row, output, path):
+    from recbole_ilora.gate_report import plot_routing
+
+    named = {}
+    for row in GATE_PLOT_ROWS:
+        records = sorted(by_row.get(row, []), key=lambda r: r["seed"])
+        if records:
+            gates = run_file(output, {"dataset": dataset, "run_id": records[0]["run_id"]}).with_suffix(".gates.jsonl")
+            named[f"{row} (seed {records[0]['seed']})"] = [json.loads(line) for line in gates.read_text().splitlines()]
+    if named:
+        plot_routing(named, path, title=f"{dataset}: how test users are routed over the experts")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", help=f"default: {' '.join(DATASETS)}")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: every row")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, SEEDS))}")
+    parser.add_argument("--output", default=str(REPO / "results"), help="results folder (default: results/)")
+    parser.add_argument("--work", help="checkpoints and logs (default: <output>/../benchmarks/work or <output>/work)")
+    parser.add_argument("--quick", action="store_true", help="tiny grid on tests/data/lastfm-tiny (minutes)")
+    parser.add_argument("--status", action="store_true", help="list finished and pending runs, run nothing")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the reports from finished runs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+
+    datasets = args.datasets or list(QUICK_DATASETS if args.quick else DATASETS)
+    known = QUICK_DATASETS if args.quick else DATASETS
+    for dataset in datasets:
+        if dataset not in known:
+            parser.error(f"unknown dataset {dataset!r} for this grid; choose from {list(known)}")
+    rows = args.rows or (QUICK_ROWS if args.quick else list(ROWS))
+    seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
+    output = Path(args.output).resolve()
+    work = Path(args.work).resolve() if args.work else (
+        REPO / "benchmarks" / "work" if output == REPO / "results" else output / "work"
+    )  # fmt: skip
+    runs = plan(datasets, rows, seeds, args.quick)
+    # The reports always cover the whole default grid of these datasets (missing runs shown as such), so that running
+    # a subset of rows or seeds never drops finished rows from the tables.
+    report_rows = sorted(set(rows) | set(QUICK_ROWS if args.quick else ROWS), key=list(ROWS).index)
+    report_seeds = sorted(set(seeds) | set(SEEDS[:1] if args.quick else SEEDS))
+    report_runs = plan(datasets, report_rows, report_seeds, args.quick)
+    if args.status:
+        for run in report_runs:
+            print(f"{'done   ' if finished(output, run) else 'pending'} {run['dataset']:<12} {run['run_id']}")
+        return 0
+    failed = [] if args.report_only else execute(runs, output, work, lambda: report(report_runs, output, args.quick))
+    report(report_runs, output, args.quick)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
