@@ -1,0 +1,114 @@
+"""The benchmark's protocol and its grid: one test loader layout for every model, seeded uni19 candidates shared by
+all models, and a tiny resumable grid run checking the files it writes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY, tiny_config
+from recbole.utils import init_seed
+
+from recbole_ilora.gate_report import plot_routing, uniform_records
+from recbole_ilora.quick_start import objective_function, protocol_test_data
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def candidate_rows(config, mode="uni19"):
+    """(user, item) of every row of the test loader, read the way the trainer reads it (after seeding)."""
+    test_data = protocol_test_data(config, mode)
+    init_seed(config["seed"], config["reproducibility"])
+    rows = []
+    for interaction, _, positive_u, positive_i in test_data:
+        rows.append((interaction["user_id"], interaction["item_id"], positive_u, positive_i))
+    return rows
+
+
+def flatten(rows):
+    return torch.cat([u for u, *_ in rows]).tolist(), torch.cat([i for _, i, *_ in rows]).tolist()
+
+
+def test_uni19_candidates_are_the_same_for_every_model_and_hold_the_target():
+    pop, sasrec, ilora = (candidate_rows(tiny_config(model)) for model in ("Pop", "SASRec", "iLoRA"))
+    assert flatten(pop) == flatten(sasrec) == flatten(ilora)  # Pop (a general model) uses the same layout
+
+    users, items = flatten(sasrec)
+    per_user = {}
+    for user, item in zip(users, items, strict=True):
+        per_user.setdefault(user, []).append(item)
+    assert len(per_user) == 40 and all(len(candidates) == 20 for candidates in per_user.values())
+    # Each user's first row is its target (RecBole's positive), which none of its 19 sampled items repeats.
+    for candidates in per_user.values():
+        assert candidates[0] not in candidates[1:]
+
+    other_seed = flatten(candidate_rows(tiny_config("SASRec", seed=7)))
+    assert other_seed[0] == users and other_seed[1] != items  # same users and targets, other candidates
+
+
+def test_test_modes_full_equals_recboles_own_test_and_adds_uni19():
+    config = {**TINY, "model": "SASRec", "epochs": 2, "test_modes": ["full", "uni19"]}
+    result = objective_function(config_dict=config)
+    assert result["test_results"]["full"] == result["test_result"]  # the same loader RecBole builds itself
+    uni19 = result["test_results"]["uni19"]
+    assert 0.0 <= uni19["hit@1"] <= uni19["hit@5"] <= uni19["hit@10"] <= 1.0
+    assert uni19["hit@10"] > result["test_result"]["hit@10"]  # 20 candidates are easier than all 1,461 items
+    assert result["trainable_parameters"] == sum(p.numel() for p in _sasrec_parameters(result))
+
+
+def _sasrec_parameters(result):
+    return torch.load(result["saved_model_file"], weights_only=True)["state_dict"].values()
+
+
+def test_routing_png_draws_a_gate_next_to_the_uniform_gate(tmp_path):
+    records = [
+        {"user_id": str(u), "weights": w, "entropy": -sum(x * math.log(x) for x in w), "top_expert": w.index(max(w))}
+        for u, w in enumerate([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.25, 0.25, 0.25, 0.25]])
+    ]
+    uniform = uniform_records(records)
+    assert all(r["weights"] == [0.25] * 4 and r["entropy"] == math.log(4) for r in uniform)
+    plot_routing({"iLoRA": records, "uniform gate": uniform}, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="same number of experts"):
+        plot_routing({"a": records, "b": [{**records[0], "weights": [0.5, 0.5]}]}, tmp_path / "bad.png")
+
+
+def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--rows", "Pop", "iLoRA"]
+    command += ["--output", str(tmp_path / "results")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "0 of 3 runs finished; 3 to go" in first.stdout  # iLoRA brought its SASRec encoder in
+
+    runs = tmp_path / "results" / "runs" / "lastfm-tiny"
+    records = {path.name.split("-seed")[0]: json.loads(path.read_text()) for path in runs.glob("*.json")}
+    assert sorted(records) == ["Pop", "SASRec-encoder", "iLoRA"]
+    for record in records.values():
+        assert record["seed"] == 2020 and record["wall_seconds"] > 0 and record["trainable_parameters"] > 0
+        assert set(record["test"]) == {"full", "uni19"}
+        assert all(0.0 <= value <= 1.0 for mode in record["test"].values() for value in mode.values())
+    assert records["iLoRA"]["sasrec_checkpoint"] == records["SASRec-encoder"]["saved_model_file"]
+    gates = (runs / f"{records['iLoRA']['run_id']}.gates.jsonl").read_text().splitlines()
+    assert len(gates) == 40 and records["iLoRA"]["gate"]["users"] == 40
+    assert records["iLoRA"]["gate"]["mean_entropy"] <= math.log(4) + 1e-6
+
+    markdown = (tmp_path / "results" / "lastfm-tiny.md").read_text()
+    full_header = "| model | seeds | ndcg@5 | ndcg@10 | ndcg@20 | hit@1 | hit@5 | hit@10 | hit@20 | mrr@10 |"
+    sampled_header = "| model | seeds | hit@1 | hit@5 | ndcg@5 | ndcg@10 | mrr@20 |"
+    assert full_header in markdown and sampled_header in markdown
+    ilora_lines = [line for line in markdown.splitlines() if line.startswith("| iLoRA | 1 |")]
+    assert len(ilora_lines) == 3  # full, uni19 and gate tables
+    assert f"{records['iLoRA']['test']['full']['ndcg@10']:.4f}" in ilora_lines[0]
+    assert "| UniformLoRA | 0 |" in markdown and "Incomplete grid: 3 of 6 runs finished" in markdown
+    assert "**" in markdown and "40 users, 1,461 items" in markdown
+    for chart in ("lastfm-tiny.png", "lastfm-tiny.gates.png"):
+        assert (tmp_path / "results" / chart).read_bytes().startswith(PNG_MAGIC)
+
+    stamps = {path: os.stat(path).st_mtime_ns for path in runs.glob("*.json")}
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "3 of 3 runs finished; 0 to go" in second.stdout
+    assert {path: os.stat(path).st_mtime_ns for path in runs.glob("*.json")} == stamps  # nothing ran again
