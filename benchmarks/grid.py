@@ -313,6 +313,7 @@ def worker(spec_path):
         "hardware": hardware(),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.time() - STARTED,
+        "cpu_seconds": time.process_time(),  # user + system time of this process: less sensitive to a busy machine
         "trainable_parameters": result["trainable_parameters"],
         "best_valid_score": result["best_valid_score"],
         "valid": dict(result["best_valid_result"]),
@@ -508,12 +509,13 @@ def render_markdown(dataset, planned, by_row, quick):
         "",
         "## Runs",
         "",
-        "| run | finished | wall min | commit |",
-        "|---|---|---|---|",
+        "| run | finished | wall min | CPU min | commit |",
+        "|---|---|---|---|---|",
     ]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
         out.append(
-            f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | {record['commit']} |"
+            f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | "
+            f"{record['cpu_seconds'] / 60 if 'cpu_seconds' in record else float('nan'):.1f} | {record['commit']} |"
         )
     return "\n".join(out) + "\n"
 
