@@ -299,7 +299,7 @@ def worker(spec_path):
     init_logger(config)
     if spec["kind"] == "encoder":
         config = sasrec_pretraining_config(config)
-    result = train_and_evaluate(config, saved=True, verbose=False)
+    result = train_and_evaluate(config, saved=True, verbose=True)  # per-epoch results in the run's log
     saved_model_file = str(Path(result["saved_model_file"]).resolve())
     record = {
         "run_id": spec["run_id"],
