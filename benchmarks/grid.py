@@ -80,7 +80,8 @@ VOLATILE_KEYS = {
 }  # fmt: skip
 # Keys added after runs were recorded, at the values that reproduce what those runs did: left out of the hash at
 # these values, so that a new option does not invalidate finished runs (a key at another value changes the hash).
-NEUTRAL_DEFAULTS = {}
+NEUTRAL_DEFAULTS = {"objective": "head"}
+GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]
 SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
 PROTOCOLS = {"full": FULL_METRICS, "uni19": SAMPLED_METRICS}
@@ -121,6 +122,8 @@ def config_hash(config, extra=""):
         for key, value in config.final_config_dict.items()
         if key not in VOLATILE_KEYS and not (key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == value)
     }
+    if settings.get("objective") != "generative":  # keys read by the generative objective only
+        settings = {key: value for key, value in settings.items() if key not in GENERATIVE_KEYS}
     text = json.dumps(settings, sort_keys=True, default=str) + extra
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

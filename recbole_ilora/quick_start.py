@@ -117,6 +117,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
     show_progress = config["show_progress"] if verbose else False
 
     model = prepare_model(config, train_data, show_progress)
+    if hasattr(model, "attach_splits"):
+        model.attach_splits(train_data, valid_data, test_data)
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -125,6 +127,11 @@ def train_and_evaluate(config, saved=True, verbose=True):
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
     test_results = evaluate_test_modes(config, trainer, show_progress)
+    generative_result = None
+    if getattr(model, "generative", False):
+        from recbole_ilora.generative import evaluate_generation
+
+        generative_result = evaluate_generation(config, model, show_progress=show_progress)
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -135,6 +142,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "test_results": test_results,
+        "generative_result": generative_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -145,7 +153,8 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
 
     Returns:
         dict: RecBole's ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``; and
-        ``test_results`` (mode -> metrics, for ``test_modes``), ``saved_model_file``, ``trainable_parameters``.
+        ``test_results`` (mode -> metrics, for ``test_modes``), ``generative_result`` (ValidRatio and HR@1 of greedy
+        answers, for ``objective: generative``), ``saved_model_file``, ``trainable_parameters``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
@@ -213,6 +222,8 @@ def load_data_and_model(model_file):
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    if hasattr(model, "attach_splits"):
+        model.attach_splits(train_data, valid_data, test_data)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model.eval(), dataset, train_data, valid_data, test_data

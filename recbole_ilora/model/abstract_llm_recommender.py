@@ -11,17 +11,55 @@
 
 A subclass wraps the backbone with its adapter in ``build_llm`` and implements
 ``forward(item_seq, item_seq_len) -> [B, d]`` (the user's representation in SASRec's item space).
+
+``objective: generative`` (the paper's own protocol, ``properties/generative.yaml``) trains instead with the
+language-modelling loss on the answer title of a prompt that lists the history and ``num_candidates`` candidates
+(``recbole_ilora.generative``); ``predict`` then scores each candidate of a sampled mode by the mean
+log-likelihood of its title (and end of sequence) given that prompt, encoded once per user, and
+``generate_answers`` decodes greedily. A subclass provides ``adapter_inputs`` and ``adapter`` for it.
 """
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
 from recbole_ilora.model.backbone import load_backbone
-from recbole_ilora.model.prompt import PromptBuilder, fill_missing_texts, item_texts, split_template
+from recbole_ilora.model.prompt import PromptBuilder, fill_missing_texts, item_texts, parse_template, split_template
 from recbole_ilora.model.sequence_encoder import build_frozen_sasrec
 from recbole_ilora.validation import require_int, require_positive
+
+OBJECTIVES = ("head", "generative")
+# Generative prompts per prompt_domain (LLaRA/iLoRA's wording); generative_prompt_template overrides them.
+GENERATIVE_TEMPLATES = {
+    "movie": "This user has watched {history} in the previous. Please predict the next movie this user will watch. "
+    "Choose the answer from the following {num_candidates} movie titles: {candidates}. Answer:",
+    "music": "This user has listened to {history} in the previous. Please predict the next artist this user will "
+    "listen to. Choose the answer from the following {num_candidates} artists: {candidates}. Answer:",
+    "game": "This user has played {history} in the previous. Please predict the next game this user will play. "
+    "Choose the answer from the following {num_candidates} game titles: {candidates}. Answer:",
+    "item": "This user has interacted with {history} in the previous. Please predict the next item this user will "
+    "interact with. Choose the answer from the following {num_candidates} items: {candidates}. Answer:",
+}
+
+
+def generative_template(config):
+    """The generative prompt template of ``config`` (``{num_candidates}`` filled in), checked for its placeholders."""
+    template, key = config["generative_prompt_template"], "generative_prompt_template"
+    if not template:
+        if config["prompt_domain"] not in GENERATIVE_TEMPLATES:
+            raise ValueError(
+                f"Make sure 'prompt_domain' in {list(GENERATIVE_TEMPLATES)}, got {config['prompt_domain']!r} "
+                "(or set 'generative_prompt_template')."
+            )
+        template = GENERATIVE_TEMPLATES[config["prompt_domain"]]
+    if isinstance(template, str):
+        template = template.replace("{num_candidates}", str(config["num_candidates"]))
+    parse_template(template, ("history", "candidates"), key)
+    return template
 
 
 class LLMSequentialRecommender(SequentialRecommender):
@@ -33,6 +71,21 @@ class LLMSequentialRecommender(SequentialRecommender):
         require_int(config, "llm_eval_batch_size", 1)
         require_int(config, "prompt_max_title_tokens", 1)
         require_positive(config, "learning_rate")
+        objective = config["objective"] or "head"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"Make sure 'objective' in {list(OBJECTIVES)}, got {objective!r}.")
+        if objective == "generative":
+            require_int(config, "num_candidates", 2)
+            require_int(config, "generation_max_new_tokens", 1)
+            generative_template(config)
+            modes = config["eval_args"]["mode"]
+            modes = modes.values() if isinstance(modes, dict) else [modes]
+            if any(not str(mode).startswith("uni") for mode in modes):
+                raise ValueError(
+                    f"'objective' = 'generative' ranks the candidates of a sampled mode, not every item: set "
+                    f"'eval_args' mode to uni<N> (got {config['eval_args']['mode']!r}); "
+                    "--config_files=properties/generative.yaml does it."
+                )
         if not config["llm_path"]:
             for key in ("llm_hidden_size", "llm_num_layers", "llm_num_heads", "llm_intermediate_size"):
                 require_int(config, key, 1)
@@ -52,7 +105,10 @@ class LLMSequentialRecommender(SequentialRecommender):
         # Backbone (frozen) and prompts.
         texts = fill_missing_texts(item_texts(dataset, config["prompt_text_field"]), dataset)
         prefix, suffix = split_template(config["prompt_template"])
-        corpus = [prefix, suffix, config["prompt_item_separator"], *texts[1:]]
+        self.generative = (config["objective"] or "head") == "generative"
+        template = generative_template(config) if self.generative else None
+        extra = parse_template(template, ("history", "candidates"))[0] if self.generative else []
+        corpus = [prefix, suffix, *extra, config["prompt_item_separator"], *texts[1:]]
         backbone, self.tokenizer = load_backbone(config, corpus, self.device)
         self.llm_size = backbone.config.hidden_size
         self.llm = self.build_llm(backbone, config)
@@ -70,6 +126,34 @@ class LLMSequentialRecommender(SequentialRecommender):
         )
         self.score_head = nn.Linear(self.llm_size, self.item_size)
         self.loss_fct = nn.CrossEntropyLoss()
+
+        # The paper's generative protocol.
+        self.answer_prompt = None
+        self.candidate_sampler = None  # set by attach_splits()
+        if self.generative:
+            self.answer_prompt = PromptBuilder(
+                self.tokenizer,
+                texts,
+                template,
+                config["prompt_item_separator"],
+                config["prompt_max_title_tokens"],
+                placeholders=("history", "candidates"),
+                key="generative_prompt_template",
+            )
+            self.num_candidates = config["num_candidates"]
+            self.max_new_tokens = config["generation_max_new_tokens"]
+            self.item_titles = texts
+
+    def attach_splits(self, train_data, valid_data, test_data):
+        """Called by the runner with RecBole's three data loaders: the generative objective samples its candidate
+        lists among the items each user never interacted with, in any split."""
+        if self.generative:
+            from recbole_ilora.generative import CandidateSampler
+
+            datasets = [data._dataset for data in (train_data, valid_data, test_data)]
+            self.candidate_sampler = CandidateSampler(
+                datasets, self.num_candidates, self.ITEM_ID, self.USER_ID, self.ITEM_SEQ
+            )
 
     def build_llm(self, backbone, config):
         """Wrap the frozen ``backbone`` with the model's trainable adapter; returns the module kept as ``self.llm``."""
@@ -116,8 +200,87 @@ class LLMSequentialRecommender(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        if self.generative:
+            return self.generative_loss(interaction)
         logits = self._scores_all_items(item_seq, item_seq_len)
         return self.loss_fct(logits, interaction[self.POS_ITEM_ID])
+
+    # ----- the generative objective ---------------------------------------------------------------------------
+    def adapter_inputs(self, item_seq, item_seq_len, prompt):
+        """``(inputs_embeds [B, T, H], adapter state)`` of ``prompt`` for the histories (e.g. iLoRA's gate)."""
+        raise NotImplementedError
+
+    def adapter(self, state):
+        """A context manager running the backbone with ``state`` (rows aligned with the batch)."""
+        return contextlib.nullcontext()
+
+    def expand_adapter_state(self, state, repeats):
+        """``state`` for a batch in which every row is repeated ``repeats`` times (``repeat_interleave``)."""
+        return state
+
+    def candidate_lists(self, interaction):
+        """``[B, num_candidates]``: the target and never-interacted items, shuffled (seeded by RecBole's seed)."""
+        if self.candidate_sampler is None:
+            raise RuntimeError(
+                "objective 'generative' samples candidates from RecBole's splits: call model.attach_splits(train_data, "
+                "valid_data, test_data) after building the model (the runner does)."
+            )
+        users, targets = interaction[self.USER_ID], interaction[self.POS_ITEM_ID]
+        return self.candidate_sampler.sample(users, targets).to(self.device)
+
+    def generative_loss(self, interaction, candidates=None):
+        """Language-modelling loss on the answer's tokens (its title and end of sequence) only."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        candidates = self.candidate_lists(interaction) if candidates is None else candidates
+        prompt = self.answer_prompt(item_seq, item_seq_len, candidates, interaction[self.POS_ITEM_ID])
+        inputs_embeds, state = self.adapter_inputs(item_seq, item_seq_len, prompt)
+        with self.adapter(state):
+            hidden = self.llm.decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prompt.attention_mask,
+                position_ids=prompt.position_ids,
+                use_cache=False,
+            ).last_hidden_state  # [B, T, H]
+        predicts_answer = prompt.answer_mask[:, 1:]  # position t predicts token t + 1
+        logits = self.llm.lm_head()(hidden[:, :-1][predicts_answer])  # [n_answer_tokens, V]
+        return F.cross_entropy(logits.float(), prompt.input_ids[:, 1:][predicts_answer])
+
+    def _candidate_likelihood(self, item_seq, item_seq_len, candidates):
+        """Mean log-likelihood of every candidate's title and end of sequence given the prompt listing them,
+        ``[B, C]``; the prompt is encoded once per history and its cache reused for its candidates."""
+        prompt = self.answer_prompt(item_seq, item_seq_len, candidates)
+        inputs_embeds, state = self.adapter_inputs(item_seq, item_seq_len, prompt)
+        batch_size, num = candidates.shape
+        with self.adapter(state):
+            output = self.llm.decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prompt.attention_mask,
+                position_ids=prompt.position_ids,
+                use_cache=True,
+            )
+        last = output.last_hidden_state[:, -1]  # [B, H]: predicts each answer's first token
+        cache = output.past_key_values
+        cache.batch_repeat_interleave(num)
+        answers = self.answer_prompt.answer_table[candidates.flatten()]  # [B*C, A]
+        lengths = self.answer_prompt.answer_length[candidates.flatten()]  # [B*C]
+        width = answers.shape[1]
+        answer_mask = torch.arange(width, device=answers.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B*C, A]
+        prompt_mask = prompt.attention_mask.repeat_interleave(num, dim=0)  # [B*C, T]
+        start = prompt.position_ids[:, -1].repeat_interleave(num) + 1  # [B*C]
+        embeddings = self.llm.input_embeddings()(answers)  # [B*C, A, H]
+        with self.adapter(self.expand_adapter_state(state, num)):
+            hidden = self.llm.decoder()(
+                inputs_embeds=embeddings[:, :-1],
+                attention_mask=torch.cat([prompt_mask, answer_mask[:, :-1].long()], dim=1),
+                position_ids=start.unsqueeze(1) + torch.arange(width - 1, device=answers.device).unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # [B*C, A-1, H]
+        hidden = torch.cat([last.repeat_interleave(num, dim=0).unsqueeze(1), hidden], dim=1)  # [B*C, A, H]
+        log_probs = torch.log_softmax(self.llm.lm_head()(hidden).float(), dim=-1)
+        token_log_probs = log_probs.gather(-1, answers.unsqueeze(-1)).squeeze(-1)  # [B*C, A]
+        mean = (token_log_probs * answer_mask).sum(1) / lengths
+        return mean.view(batch_size, num)
 
     def _encode_in_chunks(self, item_seq, item_seq_len):
         """``forward`` over at most ``llm_eval_batch_size`` histories at a time, ``[B, d]``."""
@@ -135,11 +298,57 @@ class LLMSequentialRecommender(SequentialRecommender):
         histories, row_to_history = torch.unique(
             torch.cat([item_seq, item_seq_len.unsqueeze(1)], dim=1), dim=0, return_inverse=True
         )
+        if self.generative:
+            return self._predict_by_likelihood(interaction, histories, row_to_history)
         user_repr = self._encode_in_chunks(histories[:, :-1], histories[:, -1])  # [U, d]
         item_repr = self.item_embeddings()[interaction[self.ITEM_ID]]  # [N, d]
         return (user_repr[row_to_history] * item_repr).sum(-1)  # [N]
 
+    def _predict_by_likelihood(self, interaction, histories, row_to_history):
+        """Sampled protocols for the generative objective: each history's rows are its candidates, listed in the
+        prompt in ascending item id (so the target's place reveals nothing) and scored by their title's mean
+        log-likelihood."""
+        items = interaction[self.ITEM_ID]
+        order = torch.argsort(row_to_history * (items.max() + 1) + items)  # rows grouped by history, ids ascending
+        counts = torch.bincount(row_to_history, minlength=histories.shape[0])
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("Every history needs the same number of candidate rows (a sampled mode uni<N>).")
+        candidates = items[order].view(histories.shape[0], -1)  # [U, C]
+        scores = torch.cat(
+            [
+                self._candidate_likelihood(seq[:, :-1], seq[:, -1], cands)
+                for seq, cands in zip(
+                    histories.split(self.eval_batch_size), candidates.split(self.eval_batch_size), strict=True
+                )
+            ]
+        )  # [U, C]
+        result = torch.empty_like(items, dtype=scores.dtype)
+        result[order] = scores.flatten()
+        return result
+
+    @torch.no_grad()
+    def generate_answers(self, item_seq, item_seq_len, candidates, return_tokens=False):
+        """Greedy answers (at most ``generation_max_new_tokens`` tokens) to the prompts listing ``candidates``;
+        every sequence keeps its own adapter state (e.g. its user's gate). Returns the decoded texts (and the new
+        token ids ``[B, n]`` with ``return_tokens``)."""
+        prompt = self.answer_prompt(item_seq, item_seq_len, candidates)
+        inputs_embeds, state = self.adapter_inputs(item_seq, item_seq_len, prompt)
+        with self.adapter(state):
+            tokens = self.llm.causal_lm().generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prompt.attention_mask,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.answer_prompt.pad_id,
+            )  # [B, new tokens]: with inputs_embeds only, generate returns the new tokens
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return (texts, tokens) if return_tokens else texts
+
     def full_sort_predict(self, interaction):
+        if self.generative:
+            raise ValueError("'objective' = 'generative' ranks candidates (eval_args mode uni<N>), not every item.")
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_repr = self._encode_in_chunks(item_seq, item_seq_len)  # [B, d]
         return user_repr @ self.item_embeddings().t()  # [B, n_items]

@@ -102,5 +102,12 @@ class MoELoRA(torch.nn.Module):
         """The base model's decoder stack (hidden states without the LM head), LoRA layers included."""
         return self.peft_model.get_base_model().get_decoder()
 
+    def causal_lm(self):
+        """The base causal LM (LoRA layers included), for generation."""
+        return self.peft_model.get_base_model()
+
+    def lm_head(self):
+        return self.peft_model.get_base_model().get_output_embeddings()
+
     def input_embeddings(self):
         return self.peft_model.get_input_embeddings()

@@ -69,11 +69,21 @@ class iLoRA(LLMSequentialRecommender):
             features = ((inputs_embeds * mask).sum(1) / mask.sum(1)).float()
         return torch.softmax(self.gate_network(features), dim=-1)
 
-    def _encode_prompt(self, item_seq, item_seq_len):
+    def adapter_inputs(self, item_seq, item_seq_len, prompt):
+        """The prompt's input embeddings and every sequence's gate, ``([B, T, H], [B, K])``."""
         seq_repr = self.sequence_representation(item_seq, item_seq_len)  # [B, d]
-        prompt = self.prompt_builder(item_seq, item_seq_len)
         inputs_embeds = self.prompt_embeddings(prompt, self.llm.input_embeddings())  # [B, T, H]
-        gate = self.gate_weights(seq_repr, inputs_embeds, prompt.attention_mask)  # [B, K]
+        return inputs_embeds, self.gate_weights(seq_repr, inputs_embeds, prompt.attention_mask)
+
+    def adapter(self, gate):
+        return self.llm.gate(gate)
+
+    def expand_adapter_state(self, gate, repeats):
+        return gate.repeat_interleave(repeats, dim=0)
+
+    def _encode_prompt(self, item_seq, item_seq_len):
+        prompt = self.prompt_builder(item_seq, item_seq_len)
+        inputs_embeds, gate = self.adapter_inputs(item_seq, item_seq_len, prompt)
         return prompt, inputs_embeds, gate
 
     def routing(self, item_seq, item_seq_len):

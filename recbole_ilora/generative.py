@@ -1,0 +1,174 @@
+"""The paper's generative protocol (iLoRA, LLaRA): candidates in the prompt, a generated title as the answer.
+
+- :func:`named_candidates` decides which candidates a generated text names: titles are compared case- and
+  whitespace-insensitively, on word boundaries, and a title found only inside a longer named title (``Heat`` in
+  ``Heat Wave``) does not count.
+- :func:`verdict` / :func:`summarize_verdicts`: an output is *valid* when it names exactly one candidate, *correct*
+  when that one is the target. ValidRatio = valid / users; HR@1 (valid) = correct / valid, the paper's definition;
+  HR@1 (all) = correct / users, what RecBole's Hit@1 would mean.
+- :class:`CandidateSampler`: 19 (``num_candidates - 1``) items per user drawn uniformly by RecBole's non-repeatable
+  ``Sampler`` among the items the user never interacted with (in any split), plus the target, in a random order.
+"""
+
+import re
+
+import numpy as np
+import torch
+from recbole.sampler import Sampler
+
+
+def normalize_title(text):
+    """Lower case, one space between words, no surrounding space."""
+    return " ".join(str(text).lower().split())
+
+
+def named_candidates(output, titles):
+    """Indices of the ``titles`` that ``output`` names (see the module docstring), in ascending order."""
+    text = normalize_title(output)
+    spans = {}
+    for index, title in enumerate(titles):
+        title = normalize_title(title)
+        if not title:
+            continue
+        pattern = r"(?<!\w)" + re.escape(title) + r"(?!\w)"
+        spans[index] = [(m.start(), m.end()) for m in re.finditer(pattern, text)]
+    named = []
+    for index, own in spans.items():
+        for start, end in own:
+            inside_longer = any(
+                other != index and s <= start and end <= e and (e - s) > (end - start)
+                for other, others in spans.items()
+                for s, e in others
+            )
+            if not inside_longer:
+                named.append(index)
+                break
+    return named
+
+
+def verdict(output, titles, target_index):
+    """``(valid, correct, named)`` of one generated ``output`` for candidates ``titles`` with the answer at
+    ``target_index``."""
+    named = named_candidates(output, titles)
+    valid = len(named) == 1
+    return valid, valid and named[0] == target_index, named
+
+
+def summarize_verdicts(verdicts):
+    """ValidRatio, HR@1 (valid) and HR@1 (all) of ``(valid, correct)`` pairs."""
+    users = len(verdicts)
+    valid = sum(1 for is_valid, _ in verdicts if is_valid)
+    correct = sum(1 for _, is_correct in verdicts if is_correct)
+    return {
+        "users": users,
+        "valid_ratio": valid / users if users else 0.0,
+        "hr@1_valid": correct / valid if valid else 0.0,
+        "hr@1_all": correct / users if users else 0.0,
+    }
+
+
+class CandidateSampler:
+    """Candidate lists for the generative prompt: the target and ``num_candidates - 1`` items the user never
+    interacted with, shuffled.
+
+    Built from the three split datasets of RecBole's ``data_preparation`` (train, valid, test): RecBole's
+    ``Sampler`` in its test phase excludes every item of the user's train, valid and test interactions; the
+    exclusion sets are completed with the items of the histories (in a sequential dataset the first item of a
+    user is never a target). Sampling uses NumPy's global generator, which RecBole's ``init_seed`` seeds.
+    """
+
+    def __init__(self, datasets, num_candidates, iid_field, uid_field, item_list_field):
+        self.num_negatives = num_candidates - 1
+        self.sampler = Sampler(["train", "valid", "test"], list(datasets), "uniform").set_phase("test")
+        used = self.sampler.used_ids  # the test phase's: one set of item ids per user id
+        for dataset in datasets:
+            users = dataset.inter_feat[uid_field].numpy()
+            histories = dataset.inter_feat[item_list_field].numpy()
+            for user, history in zip(users, histories, strict=True):
+                used[user].update(int(item) for item in history if item > 0)
+        self.item_num = self.sampler.item_num
+        if self.num_negatives >= self.item_num - 1:
+            raise ValueError(f"'num_candidates' = {num_candidates} needs more items than the dataset has.")
+
+    def sample(self, user_ids, targets):
+        """``[B, num_candidates]`` candidate item ids (the target among them at a random position)."""
+        user_ids, targets = torch.as_tensor(user_ids).cpu(), torch.as_tensor(targets).cpu()
+        negatives = self.sampler.sample_by_user_ids(user_ids.numpy(), targets.numpy(), self.num_negatives)
+        negatives = negatives.view(self.num_negatives, -1).t().contiguous()  # RecBole groups them by draw: [B, C-1]
+        # RecBole draws with replacement; a list names every candidate once, so draw repeated ones again.
+        for row in range(negatives.shape[0]):
+            while len(set(negatives[row].tolist())) < self.num_negatives:
+                seen, duplicates = set(), []
+                for column, item in enumerate(negatives[row].tolist()):
+                    if item in seen:
+                        duplicates.append(column)
+                    seen.add(item)
+                user = user_ids[row : row + 1].numpy().repeat(len(duplicates))
+                negatives[row, duplicates] = self.sampler.sample_by_user_ids(user, None, 1)
+        candidates = torch.cat([targets.unsqueeze(1), negatives], dim=1)  # [B, C]
+        order = np.argsort(np.random.random_sample(tuple(candidates.shape)), axis=1)
+        return torch.gather(candidates, 1, torch.from_numpy(order))
+
+
+def evaluate_generation(config, model, output_file=None, show_progress=False):
+    """Greedy answers for every test user to a prompt listing its history and candidates (the target and
+    never-interacted items, sampled after re-seeding with ``seed``: the same lists for every model).
+
+    Writes one JSON line per user (prompt id, user, candidate ids and titles, target, output, named candidates,
+    verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``).
+
+    Returns:
+        dict: ``users``, ``valid_ratio``, ``hr@1_valid``, ``hr@1_all`` and ``generations_file``.
+    """
+    import json
+    import os
+
+    from recbole.utils import get_local_time, init_seed, set_color
+    from tqdm import tqdm
+
+    from recbole_ilora.quick_start import protocol_test_data
+
+    test_data = protocol_test_data(config, "full")  # one row per test user
+    init_seed(config["seed"], config["reproducibility"])
+    if output_file is None:
+        output_file = os.path.join(config["checkpoint_dir"], f"{config['model']}-generations-{get_local_time()}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    dataset = test_data._dataset
+    model.eval()
+    verdicts = []
+    batches = tqdm(test_data, desc=set_color("Generating", "pink"), ncols=100) if show_progress else test_data
+    with open(output_file, "w", encoding="utf-8") as file:
+        for interaction, _, _, targets in batches:
+            interaction = interaction.to(model.device)
+            users, targets = interaction[model.USER_ID], targets.to(model.device)
+            candidates = model.candidate_sampler.sample(users, targets).to(model.device)  # [B, C]
+            outputs = []
+            for start in range(0, len(users), model.eval_batch_size):
+                rows = slice(start, start + model.eval_batch_size)
+                outputs += model.generate_answers(
+                    interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], candidates[rows]
+                )
+            user_tokens = dataset.id2token(dataset.uid_field, users.cpu())
+            for row, output in enumerate(outputs):
+                ids = candidates[row].tolist()
+                titles = [model.item_titles[item] for item in ids]
+                target_index = ids.index(int(targets[row]))
+                valid, correct, named = verdict(output, titles, target_index)
+                verdicts.append((valid, correct))
+                record = {
+                    "prompt_id": len(verdicts) - 1,
+                    "user_id": str(user_tokens[row]),
+                    "candidate_ids": ids,
+                    "candidates": titles,
+                    "target": titles[target_index],
+                    "output": output,
+                    "named": [titles[index] for index in named],
+                    "valid": valid,
+                    "correct": correct,
+                }
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    result = {**summarize_verdicts(verdicts), "generations_file": output_file}
+    from logging import getLogger
+
+    getLogger().info(set_color("generative test", "yellow") + f": {result}")
+    return result

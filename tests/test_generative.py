@@ -1,0 +1,217 @@
+"""The paper's generative protocol: title matching, candidate lists, prompts with candidates, the answer-only loss,
+likelihood scoring with a reused prompt cache, greedy generation with per-user gates, and a tiny end-to-end run."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, tiny_config
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_ilora.generative import named_candidates, summarize_verdicts, verdict
+from recbole_ilora.model import iLoRA
+from recbole_ilora.quick_start import objective_function
+
+GENERATIVE = {
+    "objective": "generative",
+    "eval_args": {**TINY["eval_args"], "mode": "uni19"},
+    "valid_metric": "NDCG@5",
+    "prompt_domain": "music",
+    "generation_max_new_tokens": 6,
+}
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("Heat Wave", [1]),  # 'Heat' only inside the longer named title does not count
+        ("heat   WAVE and heat", [0, 1]),  # both named (the second 'heat' stands alone): invalid
+        ("  The Heatwave", []),  # 'heat' inside another word is no title
+        ("Heat", [0]),
+        ("nothing at all", []),
+        ("Heat (1995)", [2]),  # 'Heat' lies inside the longer 'Heat (1995)': only the longer counts
+        ("toy story\n", [3]),
+    ],
+)
+def test_title_matching(output, expected):
+    titles = ["Heat", "Heat Wave", "heat (1995)", "Toy Story"]
+    assert named_candidates(output, titles) == expected
+
+
+def test_verdicts_and_ratios():
+    titles = ["Heat", "Heat Wave", "Toy Story"]
+    assert verdict("toy story", titles, 2) == (True, True, [2])
+    assert verdict("Heat Wave", titles, 0) == (True, False, [1])
+    assert verdict("Heat or Toy Story", titles, 2)[:2] == (False, False)  # two titles named: invalid
+    assert verdict("", titles, 2)[:2] == (False, False)
+    summary = summarize_verdicts([(True, True), (True, False), (False, False), (False, False)])
+    assert summary == {"users": 4, "valid_ratio": 0.5, "hr@1_valid": 0.5, "hr@1_all": 0.25}
+
+
+@pytest.fixture
+def generative(sasrec_checkpoint, llm_cache):
+    config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, **GENERATIVE)
+    init_seed(config["seed"], True)
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = iLoRA(config, train_data._dataset)
+    model.attach_splits(train_data, valid_data, test_data)
+    for layer in model.llm.lora_layers.values():  # a trained-looking adapter: experts that differ
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    return config, model.eval(), train_data, test_data
+
+
+def all_items_of_users(config):
+    dataset = create_dataset(config)
+    users = dataset.inter_feat[dataset.uid_field].tolist()
+    items = dataset.inter_feat[dataset.iid_field].tolist()
+    seen = {}
+    for user, item in zip(users, items, strict=True):
+        seen.setdefault(user, set()).add(item)
+    return seen
+
+
+def test_candidates_hold_the_target_once_and_no_item_of_the_user(generative):
+    config, model, train_data, _ = generative
+    seen = all_items_of_users(config)
+    interaction = next(iter(train_data))
+    users, targets = interaction["user_id"], interaction["item_id"]
+    init_seed(7, True)
+    candidates = model.candidate_lists(interaction)
+    assert candidates.shape == (len(users), 20)
+    positions = set()
+    for user, target, row in zip(users.tolist(), targets.tolist(), candidates.tolist(), strict=True):
+        assert len(set(row)) == 20 and row.count(target) == 1
+        assert not (set(row) - {target}) & seen[user]  # never an item the user interacted with, in any split
+        positions.add(row.index(target))
+    assert len(positions) > 5  # the target's place is shuffled
+    init_seed(7, True)
+    assert torch.equal(model.candidate_lists(interaction), candidates)  # seeded
+
+
+def test_prompt_slots_line_up_with_history_then_candidates(generative):
+    _, model, train_data, _ = generative
+    interaction = next(iter(train_data))
+    seq, length, targets = interaction["item_id_list"], interaction["item_length"], interaction["item_id"]
+    candidates = model.candidate_lists(interaction)
+    prompt = model.answer_prompt(seq, length, candidates, targets)
+    start = 0
+    for row in range(len(seq)):
+        count = int(prompt.slot_mask[row].sum())
+        expected = seq[row, : length[row]].tolist() + candidates[row].tolist()
+        assert prompt.slot_items[start : start + count].tolist() == expected
+        start += count
+        answer = prompt.input_ids[row][prompt.answer_mask[row]].tolist()
+        title = model.answer_prompt.answer_table[targets[row], : model.answer_prompt.answer_length[targets[row]]]
+        assert answer == title.tolist() and answer[-1] == model.tokenizer.eos_token_id
+        # the answer ends the row (no token after it) and holds no slot
+        assert (
+            prompt.answer_mask[row, -len(answer) :].all()
+            and not (prompt.answer_mask[row] & prompt.slot_mask[row]).any()
+        )
+
+
+def test_loss_covers_only_the_answer_tokens(generative):
+    _, model, train_data, _ = generative
+    interaction = next(iter(train_data))
+    seq, length, targets = interaction["item_id_list"], interaction["item_length"], interaction["item_id"]
+    candidates = model.candidate_lists(interaction)
+    loss = model.generative_loss(interaction, candidates)
+
+    prompt = model.answer_prompt(seq, length, candidates, targets)
+    inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
+    with model.adapter(gate):
+        logits = model.llm.causal_lm()(
+            inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
+        ).logits.float()
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), prompt.input_ids[:, 1:], reduction="none")
+    mask = prompt.answer_mask[:, 1:]
+    torch.testing.assert_close(loss, per_token[mask].mean(), rtol=1e-5, atol=1e-5)
+    assert mask.sum() == sum(int(model.answer_prompt.answer_length[t]) for t in targets)
+    assert per_token[~mask & prompt.attention_mask[:, 1:].bool()].mean() != loss  # other tokens are not in it
+
+
+def test_likelihood_scores_reuse_the_prompt_cache_exactly(generative):
+    _, model, _, test_data = generative
+    interaction = next(iter(test_data))[0]
+    seq, length = interaction["item_id_list"][:3], interaction["item_length"][:3]
+    candidates = torch.stack([torch.randperm(1400)[:5] + 1 for _ in range(3)])
+    with torch.no_grad():
+        cached = model._candidate_likelihood(seq, length, candidates)  # [3, 5]
+        for column in range(5):  # teacher-forced prompt + answer, no cache
+            answers = candidates[:, column]
+            prompt = model.answer_prompt(seq, length, candidates, answers)
+            inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
+            with model.adapter(gate):
+                logits = model.llm.causal_lm()(
+                    inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
+                ).logits.float()
+            log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, prompt.input_ids[:, 1:].unsqueeze(-1))
+            mask = prompt.answer_mask[:, 1:]
+            direct = (log_probs.squeeze(-1) * mask).sum(1) / mask.sum(1)
+            torch.testing.assert_close(cached[:, column], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_keeps_each_users_gate(generative):
+    _, model, _, test_data = generative
+    interaction = next(iter(test_data))[0]
+    seq = interaction["item_id_list"][:1].repeat(2, 1)  # one history, twice
+    length = interaction["item_length"][:1].repeat(2)
+    candidates = (torch.randperm(1400)[:20] + 1).repeat(2, 1)
+    gates = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # two users, different experts
+    model.gate_weights = lambda *args: gates[: args[0].shape[0]]
+    together = model.generate_answers(seq, length, candidates)
+    assert together[0] != together[1]  # different experts answer differently
+    model.gate_weights = lambda *args: gates[1:2]
+    alone = model.generate_answers(seq[1:], length[1:], candidates[1:])
+    assert alone == together[1:]  # in a batch, the second sequence kept its own gate
+
+    # the first generated token is the argmax of the same prompt's forward (positions line up under left padding)
+    model.gate_weights = lambda *args: gates[: args[0].shape[0]]
+    _, tokens = model.generate_answers(seq, length, candidates, return_tokens=True)
+    prompt = model.answer_prompt(seq, length, candidates)
+    inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
+    with torch.no_grad(), model.adapter(gate):
+        logits = model.llm.causal_lm()(
+            inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
+        ).logits
+    assert torch.equal(tokens[:, 0], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("template", ["{history} only", "{candidates} only", "{history} {candidates} {history}"])
+def test_template_without_its_placeholders_is_refused_at_start_up(template, llm_cache):
+    config = {
+        **TINY,
+        **GENERATIVE,
+        "model": "iLoRA",
+        "generative_prompt_template": template,
+        "llm_cache_dir": llm_cache,
+    }
+    with pytest.raises(ValueError, match="'generative_prompt_template' must contain each of the placeholders"):
+        objective_function(config_dict=config)
+    assert not list(__import__("pathlib").Path("saved").glob("*.pth"))  # refused before any training
+
+
+def test_generative_objective_needs_a_sampled_mode(llm_cache):
+    config = {**TINY, **GENERATIVE, "model": "iLoRA", "eval_args": TINY["eval_args"], "llm_cache_dir": llm_cache}
+    with pytest.raises(ValueError, match="uni<N>"):
+        objective_function(config_dict=config)
+
+
+@pytest.mark.parametrize("model_name", ["iLoRA", "UniformLoRA"])
+def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache):
+    config = {**TINY, **GENERATIVE, "model": model_name, "epochs": 1, "test_modes": ["uni19"]}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    result = objective_function(config_dict=config)
+    generation = result["generative_result"]
+    assert generation["users"] == 40
+    assert 0.0 <= generation["hr@1_all"] <= generation["valid_ratio"] <= 1.0
+    assert 0.0 <= generation["hr@1_valid"] <= 1.0
+    lines = [json.loads(line) for line in open(generation["generations_file"], encoding="utf-8")]
+    assert len(lines) == 40 and all(len(line["candidates"]) == 20 for line in lines)
+    assert all(line["target"] in line["candidates"] for line in lines)
+    assert sum(line["valid"] for line in lines) / 40 == generation["valid_ratio"]
+    uni19 = result["test_results"]["uni19"]
+    assert 0.0 <= uni19["hit@1"] <= uni19["hit@5"] <= 1.0 and 0.0 <= uni19["ndcg@5"] <= 1.0
