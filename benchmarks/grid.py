@@ -27,11 +27,13 @@ iLoRA's gate routes users, next to the prompt-mean and uniform gates) are writte
 import argparse
 import datetime
 import functools
+import gzip
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,9 +63,15 @@ ROWS = {
     "iLoRA-K8": ("llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA, 8 experts x rank 1"),
     "iLoRA-gate-uniform": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA, 4x2, gate fixed at 1/4"),
     "iLoRA-gate-prompt_mean": ("llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA, 4x2, gate on the prompt mean"),
+    "UniformLoRA-generative": ("llm", "UniformLoRA", {}, "UniformLoRA trained and tested the paper's way (generative)"),
+    "iLoRA-generative": ("llm", "iLoRA", {}, "iLoRA trained and tested the paper's way (generative)"),
 }
+# Rows with the paper's own protocol: properties/generative.yaml (candidates in the prompt, LM loss on the title).
+GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative"]
+GENERATIVE_PROPERTIES = PROPERTIES / "generative.yaml"
+HEAD_ROWS = [row for row in ROWS if row not in GENERATIVE_ROWS]
 ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
-QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform"]
+QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform", "iLoRA-generative"]
 GATE_PLOT_ROWS = ["iLoRA", "iLoRA-gate-prompt_mean", "iLoRA-gate-uniform"]
 DATASETS = {  # name: data_path relative to the repository (None: RecBole's bundled data)
     "ml-100k": None,
@@ -84,17 +92,19 @@ NEUTRAL_DEFAULTS = {"objective": "head"}
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]
 SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
-PROTOCOLS = {"full": FULL_METRICS, "uni19": SAMPLED_METRICS}
+GENERATIVE_METRICS = ["valid_ratio", "hr@1_valid", "hr@1_all"]
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def config_files(dataset, kind, quick):
+def config_files(dataset, kind, quick, row=None):
     """Property files of a run, lowest precedence first (the plugin's Config adds the model's and dataset's own)."""
     files = []
     if quick:
         files.append(PROPERTIES / "dataset" / "lastfm.yaml")  # the tiny fixture is a LastFM subset
     if kind == "baseline":
         files.append(BASELINE_BUDGET)
+    if row in GENERATIVE_ROWS:
+        files.append(GENERATIVE_PROPERTIES)
     if quick:
         files.append(QUICK)
     return [str(path) for path in files]
@@ -129,8 +139,9 @@ def config_hash(config, extra=""):
 
 
 def plan(datasets, rows, seeds, quick):
-    """Every run of the grid: the main rows of every seed first, then the ablations (so that a partial grid already
-    compares iLoRA, UniformLoRA and the baselines over seeds); encoders before the LLM rows that need them."""
+    """Every run of the grid: the main rows of every seed first, then the ablations, then the generative rows (so that
+    a partial grid already compares iLoRA, UniformLoRA and the baselines over seeds); encoders before the LLM rows
+    that need them."""
     from recbole_ilora.quick_start import sasrec_pretraining_config
 
     runs = []
@@ -147,7 +158,7 @@ def plan(datasets, rows, seeds, quick):
                 path = data_path(dataset, quick)
                 if path:
                     config_dict["data_path"] = path
-                files = config_files(dataset, kind, quick)
+                files = config_files(dataset, kind, quick, row)
                 config = resolve_config(model, dataset, files, config_dict)
                 if kind == "encoder":
                     config = sasrec_pretraining_config(config)
@@ -169,7 +180,11 @@ def plan(datasets, rows, seeds, quick):
                         "command": runner_command(config, model, dataset, files, config_dict, kind),
                     }
                 )
-    return sorted(runs, key=lambda run: (run["row"] in ABLATIONS, seeds.index(run["seed"])))  # stable
+
+    def phase(run):
+        return 2 if run["row"] in GENERATIVE_ROWS else 1 if run["row"] in ABLATIONS else 0
+
+    return sorted(runs, key=lambda run: (phase(run), seeds.index(run["seed"])))  # stable
 
 
 def runner_command(config, model, dataset, files, config_dict, kind):
@@ -321,9 +336,14 @@ def worker(spec_path):
         "best_valid_score": result["best_valid_score"],
         "valid": dict(result["best_valid_result"]),
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
+        "generative": result["generative_result"],
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
     }
+    if record["generative"]:  # every user's candidates, answer and verdict, next to the run's JSON
+        with open(record["generative"]["generations_file"], "rb") as source:
+            with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
+                shutil.copyfileobj(source, target)
     if spec["kind"] == "llm" and config["gate_input"] != "none":
         record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
     write_json_atomically(spec["output"], record)
@@ -394,9 +414,11 @@ def report(runs, output, quick):
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
 
 
-def protocol_table(by_row, mode, metrics):
+def protocol_table(by_row, metrics, section, rows):
+    """The ``rows`` of ``by_row`` as a table of ``section(record)``'s ``metrics`` (mean ± std over seeds)."""
+    by_row = {row: records for row, records in by_row.items() if row in rows}
     stats = {
-        row: {metric: mean_std([r["test"][mode][metric] for r in records]) for metric in metrics}
+        row: {metric: mean_std([section(r)[metric] for r in records]) for metric in metrics}
         for row, records in by_row.items()
         if records
     }
@@ -467,14 +489,30 @@ def render_markdown(dataset, planned, by_row, quick):
         "Every item is ranked for every test user (RecBole `full`). In this leave-one-out split each user has one "
         "target, so Recall@k equals Hit@k (both are in the raw JSON).",
         "",
-        protocol_table(by_row, "full", FULL_METRICS),
+        protocol_table(
+            by_row, FULL_METRICS, lambda r: r["test"]["full"], [r for r in ROWS if r not in GENERATIVE_ROWS]
+        ),
         "",
         "## 20 candidates (`uni19`, test)",
         "",
         "The target and 19 items sampled uniformly by RecBole's repeatable sampler (which excludes only the target), "
         "re-seeded with the run's seed before testing: every row of a seed ranks the same candidates.",
         "",
-        protocol_table(by_row, "uni19", SAMPLED_METRICS),
+        protocol_table(by_row, SAMPLED_METRICS, lambda r: r["test"]["uni19"], list(ROWS)),
+        "",
+        "Rows marked `-generative` score each candidate by the mean log-likelihood of its title given a prompt "
+        "listing the 20 candidates (in ascending item id), encoded once per user; the others by their scoring head.",
+        "",
+        "## The paper's protocol: a generated title among 20 candidates (test)",
+        "",
+        "Trained with the language-modelling loss on the answer title of a prompt listing the history and 20 "
+        "candidates (the target and 19 items the user never interacted with, sampled by RecBole's sampler, seeded: "
+        "the same lists for both rows), then answering greedily (`properties/generative.yaml`). ValidRatio: share "
+        "of test users whose answer names exactly one candidate; HR@1 (valid) = correct / valid (the paper's); "
+        "HR@1 (all) = correct / users (RecBole's Hit@1). Every test user's candidates, answer and verdict: "
+        "`runs/<run>.generations.jsonl.gz`.",
+        "",
+        protocol_table(by_row, GENERATIVE_METRICS, lambda r: r["generative"], GENERATIVE_ROWS),
         "",
         "## Does the gate differentiate users?",
         "",
@@ -529,10 +567,13 @@ def plot_rows(dataset, by_row, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row, records in by_row.items() if records]
-    colours = ["tab:red" if row == "iLoRA" else "tab:blue" if row == "UniformLoRA" else "tab:gray" for row in rows]
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for axis, (mode, metric) in zip(axes, [("full", "ndcg@10"), ("uni19", "hit@1")], strict=True):
+        rows = [row for row, records in by_row.items() if records and mode in records[0]["test"]]
+        colours = [
+            "tab:red" if row.startswith("iLoRA") else "tab:blue" if row.startswith("UniformLoRA") else "tab:gray"
+            for row in rows
+        ]
         stats = [mean_std([r["test"][mode][metric] for r in by_row[row]]) for row in rows]
         axis.bar(rows, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], color=colours, capsize=3)
         axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")

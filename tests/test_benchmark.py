@@ -102,7 +102,7 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     ilora_lines = [line for line in markdown.splitlines() if line.startswith("| iLoRA | 1 |")]
     assert len(ilora_lines) == 3  # full, uni19 and gate tables
     assert f"{records['iLoRA']['test']['full']['ndcg@10']:.4f}" in ilora_lines[0]
-    assert "| UniformLoRA | 0 |" in markdown and "Incomplete grid: 3 of 6 runs finished" in markdown
+    assert "| UniformLoRA | 0 |" in markdown and "Incomplete grid: 3 of 7 runs finished" in markdown
     assert "**" in markdown and "40 users, 1,461 items" in markdown
     for chart in ("lastfm-tiny.png", "lastfm-tiny.gates.png"):
         assert (tmp_path / "results" / chart).read_bytes().startswith(PNG_MAGIC)
