@@ -58,15 +58,36 @@ def plain_config(config):
     return {key: plain_value(value) for key, value in final.items()}
 
 
+def atomic_torch_save(obj, path):
+    """``torch.save`` to a temporary file in ``path``'s folder, flushed and renamed over ``path``: a crash mid-save
+    leaves the previous file intact. The file gets the permissions a plain ``torch.save`` would give."""
+    import os
+    import tempfile
+
+    import torch
+
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, staging = tempfile.mkstemp(prefix=".saving-", suffix=".pth", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes 0600
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+
+
 def save_checkpoint(self, epoch, verbose=True, **kwargs):
     """Shim 2, replacing ``recbole.trainer.Trainer._save_checkpoint``: the same checkpoint fields, loadable with
     ``torch.load(weights_only=True)``: the config as a plain dict, the best score as a float, torch's default
     pickle protocol (RecBole's protocol 4 emits FRAME opcodes the weights-only unpickler rejects), and written
     atomically (temporary file, then rename), so a crash mid-save leaves the previous checkpoint intact."""
-    import os
-    import tempfile
-
-    import torch
     from recbole.utils import set_color
 
     if not self.config["single_spec"] and self.config["local_rank"] != 0:
@@ -81,21 +102,7 @@ def save_checkpoint(self, epoch, verbose=True, **kwargs):
         "other_parameter": self.model.other_parameter(),
         "optimizer": self.optimizer.state_dict(),
     }
-    directory = os.path.dirname(os.path.abspath(saved_model_file))
-    handle, staging = tempfile.mkstemp(prefix=".saving-", suffix=".pth", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(staging, 0o666 & ~umask)  # the permissions a plain torch.save would give (mkstemp makes 0600)
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, saved_model_file)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise
+    atomic_torch_save(state, saved_model_file)
     if verbose:
         self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 

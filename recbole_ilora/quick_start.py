@@ -14,10 +14,12 @@ with ``seed`` before each mode).
 """
 
 import copy
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
 from logging import getLogger
 
 import torch
@@ -67,15 +69,22 @@ def pretrain_sasrec(config, show_progress=False):
     return trainer.saved_model_file
 
 
-def prepare_model(config, train_data, show_progress=False):
-    """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one."""
+def prepare_model(config, train_data, show_progress=False, timings=None):
+    """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one
+    (``timings``, a dict, receives the seconds of ``sasrec_pretraining`` and ``model_building``)."""
+    timings = {} if timings is None else timings
     model_class = get_model(config["model"])
     if issubclass(model_class, LLMSequentialRecommender):
         model_class.check_config(config)  # before the SASRec pretraining, not after it
+    started = time.perf_counter()
     if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
         config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)
+    timings["sasrec_pretraining"] = time.perf_counter() - started
+    started = time.perf_counter()
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    return model_class(config, train_data._dataset).to(config["device"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    timings["model_building"] = time.perf_counter() - started
+    return model
 
 
 def protocol_test_data(config, mode):
@@ -110,21 +119,27 @@ def evaluate_test_modes(config, trainer, show_progress=False):
 def train_and_evaluate(config, saved=True, verbose=True):
     """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict."""
     logger = getLogger()
+    timings = {}
+    started = time.perf_counter()
     dataset = create_dataset(config)
     if verbose:
         logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    timings["data_preparation"] = time.perf_counter() - started
     show_progress = config["show_progress"] if verbose else False
 
-    model = prepare_model(config, train_data, show_progress)
+    model = prepare_model(config, train_data, show_progress, timings)
     if hasattr(model, "attach_splits"):
         model.attach_splits(train_data, valid_data, test_data)
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    started = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
     )
+    timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
+    started = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
     test_results = evaluate_test_modes(config, trainer, show_progress)
     generative_result = None
@@ -132,6 +147,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
         from recbole_ilora.generative import evaluate_generation
 
         generative_result = evaluate_generation(config, model, show_progress=show_progress)
+    timings["testing"] = time.perf_counter() - started
+    logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -144,6 +161,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "test_results": test_results,
         "generative_result": generative_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        "timings": timings,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
@@ -154,7 +172,8 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
     Returns:
         dict: RecBole's ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result``; and
         ``test_results`` (mode -> metrics, for ``test_modes``), ``generative_result`` (ValidRatio and HR@1 of greedy
-        answers, for ``objective: generative``), ``saved_model_file``, ``trainable_parameters``.
+        answers, for ``objective: generative``), ``saved_model_file``, ``trainable_parameters`` and ``timings``
+        (seconds of data preparation, SASRec pretraining, model building, training, testing; also logged).
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])

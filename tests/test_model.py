@@ -11,7 +11,7 @@ from recbole.data.interaction import Interaction
 
 from recbole_ilora.model import iLoRA
 from recbole_ilora.quick_start import objective_function
-from recbole_ilora.trainer import LLMRecTrainer
+from recbole_ilora.trainer import LLMRecTrainer, training_state_file
 
 TRAINED_PREFIXES = ("llm.peft_model.", "gate_network.", "projector.", "score_head.")
 
@@ -131,6 +131,13 @@ def test_checkpoint_round_trip_gives_identical_scores(sasrec_checkpoint, llm_cac
     assert set(checkpoint["state_dict"]) == model.trainable_parameter_names()  # no backbone, no SASRec
     trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values()) == trained_bytes
+    assert "optimizer" not in checkpoint  # the model checkpoint holds weights; resuming reads the training state
+    state = torch.load(training_state_file(trainer.saved_model_file), weights_only=True)
+    assert state["epoch"] == checkpoint["epoch"]
+    assert (
+        state["optimizer"]["state"]
+        and state["optimizer"]["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    )
 
     interaction = next(iter(test_data))[0]
     model.eval()
@@ -141,6 +148,8 @@ def test_checkpoint_round_trip_gives_identical_scores(sasrec_checkpoint, llm_cac
     fresh_trainer = LLMRecTrainer(config, fresh)
     fresh_trainer.resume_checkpoint(trainer.saved_model_file)  # RecBole's resume: weights, optimizer, epoch
     assert fresh_trainer.start_epoch == checkpoint["epoch"] + 1
+    resumed, original = fresh_trainer.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(resumed[k]["exp_avg"], original[k]["exp_avg"]) for k in original)
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh.full_sort_predict(interaction), expected)
@@ -259,3 +268,17 @@ def test_bad_values_are_refused_before_any_training(key, value, message, llm_cac
         objective_function(config_dict=config)
     assert message in str(error.value)
     assert not os.path.exists("saved") or not any(name.endswith(".pth") for name in os.listdir("saved"))
+
+
+def test_resuming_needs_the_matching_training_state(sasrec_checkpoint, llm_cache):
+    config, model, train_data, valid_data, _ = build(sasrec_checkpoint, llm_cache, epochs=1)
+    trainer = LLMRecTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    state_file = training_state_file(trainer.saved_model_file)
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "epoch": state["epoch"] + 5}, state_file)
+    with pytest.raises(ValueError, match="belongs to epoch"):
+        LLMRecTrainer(config, model).resume_checkpoint(trainer.saved_model_file)
+    os.remove(state_file)
+    with pytest.raises(FileNotFoundError, match="training state"):
+        LLMRecTrainer(config, model).resume_checkpoint(trainer.saved_model_file)
