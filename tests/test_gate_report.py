@@ -13,7 +13,9 @@ from recbole_ilora.quick_start import load_data_and_model, objective_function
 def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cache):
     config = {**TINY, "model": "iLoRA", "epochs": 1, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
     result = objective_function(config_dict=config)
-    (path,) = [os.path.join("saved", name) for name in os.listdir("saved") if name.startswith("iLoRA-")]
+    names = sorted(name for name in os.listdir("saved") if name.startswith("iLoRA-"))
+    assert len(names) == 2 and names[1].endswith(".training_state.pth")  # the model checkpoint and its companion
+    path = os.path.join("saved", names[0])
 
     loaded_config, model, dataset, _, _, test_data = load_data_and_model(path)
     assert loaded_config["sasrec_checkpoint"] == sasrec_checkpoint

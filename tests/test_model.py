@@ -40,7 +40,9 @@ def test_ilora_end_to_end_full_sort_with_sasrec_pretraining(llm_cache):
     result = objective_function(config_dict={**TINY, "model": "iLoRA", "epochs": 1, "llm_cache_dir": llm_cache})
     assert result["model"] == "iLoRA"
     assert_metrics_in_range(result, ["recall@10", "ndcg@10", "mrr@10", "hit@1", "hit@5"])
-    assert sorted(name.split("-")[0] for name in os.listdir("saved") if name.endswith(".pth")) == ["SASRec", "iLoRA"]
+    names = sorted(name for name in os.listdir("saved") if name.endswith(".pth"))
+    assert [name.split("-")[0] for name in names] == ["SASRec", "iLoRA", "iLoRA"]
+    assert names[2] == names[1].replace(".pth", ".training_state.pth")
 
 
 def test_ilora_end_to_end_uni19(sasrec_checkpoint, llm_cache):
