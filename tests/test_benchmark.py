@@ -33,7 +33,11 @@ def flatten(rows):
 
 
 def test_uni19_candidates_are_the_same_for_every_model_and_hold_the_target():
-    pop, sasrec, ilora = (candidate_rows(tiny_config(model)) for model in ("Pop", "SASRec", "iLoRA"))
+    # Each model with its own eval_batch_size (RecBole samples each user's candidates in user order).
+    pop, sasrec, ilora = (
+        candidate_rows(tiny_config(model, eval_batch_size=size))
+        for model, size in (("Pop", 4096), ("SASRec", 100), ("iLoRA", 512))
+    )
     assert flatten(pop) == flatten(sasrec) == flatten(ilora)  # Pop (a general model) uses the same layout
 
     users, items = flatten(sasrec)
