@@ -127,25 +127,64 @@ def step_times(data, overrides, encoder, work, repeats, steps):
     for model, optimizer in models.values():  # warm-up
         step(model, optimizer, batches[0])
     times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, (model, optimizer) in models.items():
+    for turn in range(repeats):
+        order = list(models.items()) if turn % 2 == 0 else list(models.items())[::-1]  # nobody always goes first
+        for name, (model, optimizer) in order:
             for batch in batches:
                 started = time.perf_counter()
                 step(model, optimizer, batch)
                 times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    profile = profile_steps(models["iLoRA"], batches)
     prompt_tokens = models["iLoRA"][0].prompt_builder.lengths(batches[0]["item_id_list"], batches[0]["item_length"])
     return {
         "batch_size": len(batches[0]["item_id"]),
         "mean_prompt_tokens": float(prompt_tokens.float().mean()),
-        "backbone_parameters": sum(p.numel() for p in models["iLoRA"][0].llm.peft_model.get_base_model().parameters()),
+        "backbone_parameters": parameter_count(models["iLoRA"][0].llm.peft_model.get_base_model()),
         "steps_timed_per_model": len(times["iLoRA"]),
         "median_step_seconds": medians,
         "ilora_over_lora": medians["iLoRA"] / medians["UniformLoRA"],
         "ilora_over_sasrec": medians["iLoRA"] / medians["SASRec"],
         "trainable_parameters": trainable,
         "trainable_ilora_over_lora": trainable["iLoRA"] / trainable["UniformLoRA"],
+        "ilora_profile": profile,
     }
+
+
+def profile_steps(model_and_optimizer, batches, top=12):
+    """torch.profiler over iLoRA's training steps: the operators that take the time (self CPU share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, optimizer = model_and_optimizer
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for batch in batches:
+            optimizer.zero_grad()
+            model.calculate_loss(batch).backward()
+            optimizer.step()
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    return [
+        {"operator": event.key, "self_cpu_share": event.self_cpu_time_total / total, "calls": event.count}
+        for event in events[:top]
+    ]
+
+
+def parameter_count(model):
+    """Parameters of a model, counting a 4-bit packed tensor by the elements it stands for."""
+    total = 0
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        total += state.shape.numel() if state is not None else parameter.numel()
+    return total
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    with open("/proc/self/status", encoding="utf-8") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def model_bytes(model):
@@ -178,15 +217,15 @@ def memory_worker(spec):
 
     config = config_for("iLoRA", spec["data"], {**spec["overrides"], "checkpoint_dir": spec["work"]})
     path = build_embedded_llm(config, spec["corpus"])
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_bytes()
     model, _ = load_causal_lm(path, config, torch.device("cpu"))
     print(
         json.dumps(
             {
                 "bytes": model_bytes(model),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "rss_before_loading_bytes": baseline * 1024,
+                "parameters": parameter_count(model),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_before_loading_bytes": baseline,
             }
         )
     )
@@ -205,7 +244,10 @@ def backbone_memory(data, overrides, work):
     corpus = [*split_template(config["prompt_template"]), config["prompt_item_separator"], *texts[1:]]
     results = {}
     for name, extra in {
-        "nf4": {"llm_load_in_4bit": True},
+        # Modules bitsandbytes leaves unquantized (embeddings, LM head, norms) take the compute dtype: bf16 as on a
+        # GPU for the comparison, and float32 (this plugin's CPU default) for reference.
+        "nf4": {"llm_load_in_4bit": True, "llm_compute_dtype": "bfloat16"},
+        "nf4_float32_compute": {"llm_load_in_4bit": True, "llm_compute_dtype": "float32"},
         "bf16": {"llm_load_in_4bit": False, "llm_compute_dtype": "bfloat16"},
     }.items():
         spec = {"data": data, "overrides": {**overrides, **extra}, "work": str(work / "saved"), "corpus": corpus}
@@ -333,22 +375,35 @@ def render(results):
             f"{item['ilora_over_lora']:.3f} | {item['trainable_ilora_over_lora']:.4f} "
             f"({item['trainable_parameters']['iLoRA']:,} / {item['trainable_parameters']['UniformLoRA']:,}) |"
         )
+    for name, item in results["steps"].items():
+        if item.get("ilora_profile"):
+            lines += ["", f"Where an iLoRA step spends its time ({name}; torch.profiler, self CPU time):", ""]
+            lines += ["| operator | share | calls |", "|---|---|---|"]
+            lines += [
+                f"| `{op['operator']}` | {op['self_cpu_share']:.1%} | {op['calls']} |" for op in item["ilora_profile"]
+            ]
     memory = results.get("memory")
     if memory:
         lines += [
             "",
             "## 3. Backbone memory at the larger config",
             "",
-            "| load | parameters | bytes (params + buffers + quant state) | peak RSS of a loading process |",
+            "| load | parameters | bytes (params + buffers + quant state) | peak RSS of a process that loads it |",
             "|---|---|---|---|",
         ]
-        for name in ("nf4", "bf16"):
+        labels = {
+            "nf4": "NF4 4-bit, bf16 compute (unquantized modules in bf16)",
+            "nf4_float32_compute": "NF4 4-bit, float32 compute (the CPU default; unquantized modules in float32)",
+            "bf16": "bf16",
+        }
+        for name, label in labels.items():
             item = memory[name]
             lines.append(
-                f"| {name} | {item['parameters']:,} | {item['bytes']:,} | {item['peak_rss_bytes'] / 2**20:,.0f} MiB |"
+                f"| {label} | {item['parameters']:,} | {item['bytes']:,} | {item['peak_rss_bytes'] / 2**20:,.0f} MiB |"
             )
         lines.append(
-            f"| **nf4 / bf16** | | **{memory['nf4_over_bf16_bytes']:.3f}** | {memory['nf4_over_bf16_peak_rss']:.3f} |"
+            f"| **NF4 (bf16 compute) / bf16** | | **{memory['nf4_over_bf16_bytes']:.3f}** | "
+            f"{memory['nf4_over_bf16_peak_rss']:.3f} |"
         )
     evaluation = results["evaluation"]
     lines += [
@@ -397,6 +452,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="turns per model (default 5)")
     parser.add_argument("--skip-readme-run", action="store_true", help="leave out measurement 6")
     parser.add_argument("--skip-large", action="store_true", help="leave out the larger backbone (1 and 3)")
+    parser.add_argument("--only-memory", action="store_true", help="measurement 3 alone, merged into the JSON")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
@@ -416,12 +472,20 @@ def main():
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if args.only_memory:  # rerun measurement 3 and merge it into an existing performance.json
+        results = json.loads((output / "performance.json").read_text(encoding="utf-8"))
+        results["memory"] = backbone_memory(data, large, work)
+        results["memory_commit"] = git_commit()
+        (output / "performance.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+        (output / "performance.md").write_text(render(results), encoding="utf-8")
+        print(json.dumps(results["memory"], indent=1))
+        return 0
     encoder = sasrec_checkpoint(data, work)
     steps = 2 if args.quick else 4
     results["steps"] = {"embedded default": step_times(data, default, encoder, work, args.repeats, steps)}
     print(json.dumps(results["steps"], indent=1), flush=True)
     if not args.skip_large:
-        results["steps"]["larger config"] = step_times(data, large, encoder, work, max(2, args.repeats // 2), 1)
+        results["steps"]["larger config"] = step_times(data, large, encoder, work, max(4, args.repeats - 1), 1)
         print(json.dumps(results["steps"]["larger config"], indent=1), flush=True)
         results["memory"] = backbone_memory(data, large, work)
         print(json.dumps(results["memory"], indent=1), flush=True)
