@@ -430,7 +430,8 @@ def render(results):
             "",
             "## 6. The README's iLoRA command",
             "",
-            f"`{readme['command']}`: wall clock {readme['wall_seconds'] / 60:.2f} min.",
+            f"`{readme['command']}`: wall clock {readme['wall_seconds'] / 60:.2f} min"
+            + (f" (measured at commit `{readme['commit']}`, {readme['date']})." if "commit" in readme else "."),
             "",
             "| phase | seconds |",
             "|---|---|",
@@ -451,6 +452,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny data and sizes: checks the pipeline in minutes")
     parser.add_argument("--repeats", type=int, default=5, help="turns per model (default 5)")
     parser.add_argument("--skip-readme-run", action="store_true", help="leave out measurement 6")
+    parser.add_argument("--readme-run-from", help="take measurement 6 from an earlier performance.json (its commit)")
     parser.add_argument("--skip-large", action="store_true", help="leave out the larger backbone (1 and 3)")
     parser.add_argument("--only-memory", action="store_true", help="measurement 3 alone, merged into the JSON")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -493,7 +495,10 @@ def main():
     print(json.dumps(results["evaluation"], indent=1), flush=True)
     results["checkpoint"] = checkpoint_bytes(data, default, encoder, work)
     print(json.dumps(results["checkpoint"], indent=1), flush=True)
-    if not args.skip_readme_run:
+    if args.readme_run_from:
+        earlier = json.loads(Path(args.readme_run_from).read_text(encoding="utf-8"))
+        results["readme_run"] = {**earlier["readme_run"], "commit": earlier["commit"], "date": earlier["date"]}
+    elif not args.skip_readme_run:
         results["readme_run"] = readme_run(work, args.quick)
         print(json.dumps(results["readme_run"], indent=1), flush=True)
     (output / "performance.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
