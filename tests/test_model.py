@@ -284,3 +284,27 @@ def test_resuming_needs_the_matching_training_state(sasrec_checkpoint, llm_cache
     os.remove(state_file)
     with pytest.raises(FileNotFoundError, match="training state"):
         LLMRecTrainer(config, model).resume_checkpoint(trainer.saved_model_file)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(sasrec_checkpoint, llm_cache):
+    results = {}
+    for checkpointing in (False, True):
+        config, model, train_data, *_ = build(sasrec_checkpoint, llm_cache, llm_activation_checkpointing=checkpointing)
+        torch.manual_seed(1)
+        for layer in model.llm.lora_layers.values():  # an adapter that does something, experts that differ
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+        mlp = model.llm.decoder().layers[0].mlp  # inside the checkpointed layer.forward
+        calls = []
+        handle = mlp.register_forward_pre_hook(lambda *args: calls.append(1))  # noqa: B023
+        model.train()
+        loss = model.calculate_loss(next(iter(train_data)))
+        loss.backward()
+        handle.remove()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = (loss.detach(), grads, len(calls))
+    (loss, grads, calls), (loss_ckpt, grads_ckpt, calls_ckpt) = results[False], results[True]
+    assert calls == 1 and calls_ckpt == 2  # the layer ran again in the backward pass
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys() and any(name.startswith("gate_network.") for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -112,6 +112,10 @@ class LLMSequentialRecommender(SequentialRecommender):
         backbone, self.tokenizer = load_backbone(config, corpus, self.device)
         self.llm_size = backbone.config.hidden_size
         self.llm = self.build_llm(backbone, config)
+        if config["llm_activation_checkpointing"]:
+            if not hasattr(self.llm, "enable_activation_checkpointing"):
+                raise ValueError(f"'llm_activation_checkpointing' is not supported by {type(self).__name__}'s adapter.")
+            self.llm.enable_activation_checkpointing()
         self.prompt_builder = PromptBuilder(
             self.tokenizer,
             texts,

@@ -102,6 +102,37 @@ class MoELoRA(torch.nn.Module):
         """The base model's decoder stack (hidden states without the LM head), LoRA layers included."""
         return self.peft_model.get_base_model().get_decoder()
 
+    def enable_activation_checkpointing(self):
+        """Recompute every decoder layer's activations in the backward pass instead of keeping them (less memory,
+        about one more forward of compute). Non-reentrant checkpointing keeps the autograd graph of the forward, so
+        gradients still reach the gate, which is no input of the layers; each layer's replay runs with the gate
+        of its forward pass, restored for the duration of the replay (the gate block has ended by then)."""
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.peft_model.get_base_model()
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+        def gated_checkpoint(function, *args, **kwargs):
+            gate = self._channel_gate
+
+            def replay(*inner_args, **inner_kwargs):
+                if self._channel_gate is gate:  # the forward pass itself, inside its gate block
+                    return function(*inner_args, **inner_kwargs)
+                previous, self._channel_gate = self._channel_gate, gate
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    self._channel_gate = previous
+
+            return checkpoint(replay, *args, use_reentrant=False, **kwargs)
+
+        layers = [module for module in base.modules() if isinstance(module, GradientCheckpointingLayer)]
+        if not layers:
+            raise ValueError(f"{type(base).__name__} has no layers that support activation checkpointing.")
+        for layer in layers:
+            layer._gradient_checkpointing_func = gated_checkpoint
+
     def causal_lm(self):
         """The base causal LM (LoRA layers included), for generation."""
         return self.peft_model.get_base_model()
