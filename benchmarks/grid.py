@@ -408,10 +408,31 @@ def report(runs, output, quick):
         by_row = {row: [record for record in done if record["row"] == row] for row in rows}
         markdown = render_markdown(dataset, planned, by_row, quick)
         Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
+        if dataset == "ml-100k" and Path(output).resolve() == (REPO / "results").resolve():
+            update_readme(markdown, len(done), len(planned))
         if done:
             plot_rows(dataset, by_row, Path(output, f"{dataset}.png"))
             plot_gates(dataset, by_row, output, Path(output, f"{dataset}.gates.png"))
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def update_readme(markdown, done, planned):
+    """Copy the ml-100k tables into README.md, between its ``results:ml-100k`` markers."""
+    readme = REPO / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- results:ml-100k -->", "<!-- /results:ml-100k -->"
+    if start not in text or end not in text:
+        return
+    sections = markdown.split("\n## ")
+    wanted = [section for section in sections if section.startswith(("Full ranking", "20 candidates", "The paper"))]
+    block = [f"ml-100k, {done} of {planned} runs finished (tables copied from `results/ml-100k.md`):", ""]
+    for section in wanted:
+        title, _, body = section.partition("\n")
+        table = "\n".join(line for line in body.splitlines() if line.startswith("|"))
+        block += [f"**{title.strip()}**", "", table, ""]
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(before + start + "\n" + "\n".join(block) + end + after, encoding="utf-8")
 
 
 def protocol_table(by_row, metrics, section, rows):
