@@ -83,6 +83,18 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def model_checkpoint(trainer, epoch):
+    """RecBole's checkpoint fields but the optimizer's, with plain values (weights-only loadable)."""
+    return {
+        "config": plain_config(trainer.config),
+        "epoch": epoch,
+        "cur_step": trainer.cur_step,
+        "best_valid_score": float(trainer.best_valid_score),
+        "state_dict": trainer.model.state_dict(),
+        "other_parameter": trainer.model.other_parameter(),
+    }
+
+
 def save_checkpoint(self, epoch, verbose=True, **kwargs):
     """Shim 2, replacing ``recbole.trainer.Trainer._save_checkpoint``: the same checkpoint fields, loadable with
     ``torch.load(weights_only=True)``: the config as a plain dict, the best score as a float, torch's default
@@ -93,16 +105,7 @@ def save_checkpoint(self, epoch, verbose=True, **kwargs):
     if not self.config["single_spec"] and self.config["local_rank"] != 0:
         return
     saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-    state = {
-        "config": plain_config(self.config),
-        "epoch": epoch,
-        "cur_step": self.cur_step,
-        "best_valid_score": float(self.best_valid_score),
-        "state_dict": self.model.state_dict(),
-        "other_parameter": self.model.other_parameter(),
-        "optimizer": self.optimizer.state_dict(),
-    }
-    atomic_torch_save(state, saved_model_file)
+    atomic_torch_save({**model_checkpoint(self, epoch), "optimizer": self.optimizer.state_dict()}, saved_model_file)
     if verbose:
         self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 

@@ -16,7 +16,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ilora._compat import atomic_torch_save, plain_config
+from recbole_ilora._compat import atomic_torch_save, model_checkpoint
 
 
 def training_state_file(model_file):
@@ -37,16 +37,8 @@ class LLMRecTrainer(Trainer):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        model_checkpoint = {
-            "config": plain_config(self.config),
-            "epoch": epoch,
-            "cur_step": self.cur_step,
-            "best_valid_score": float(self.best_valid_score),
-            "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
-        }
         atomic_torch_save({"epoch": epoch, "optimizer": self.optimizer.state_dict()}, training_state_file(model_file))
-        atomic_torch_save(model_checkpoint, model_file)
+        atomic_torch_save(model_checkpoint(self, epoch), model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {model_file} (+ training state)")
 

@@ -63,6 +63,17 @@ def generative(sasrec_checkpoint, llm_cache):
     return config, model.eval(), train_data, test_data
 
 
+def teacher_forced(model, seq, length, candidates, answers=None):
+    """The prompt (with the answers appended, if given) and the causal LM's logits over it, under the gate."""
+    prompt = model.answer_prompt(seq, length, candidates, answers)
+    inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
+    with model.adapter(gate):
+        logits = model.llm.causal_lm()(
+            inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
+        ).logits.float()
+    return prompt, logits
+
+
 def all_items_of_users(config):
     dataset = create_dataset(config)
     users = dataset.inter_feat[dataset.uid_field].tolist()
@@ -120,12 +131,7 @@ def test_loss_covers_only_the_answer_tokens(generative):
     candidates = model.candidate_lists(interaction)
     loss = model.generative_loss(interaction, candidates)
 
-    prompt = model.answer_prompt(seq, length, candidates, targets)
-    inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
-    with model.adapter(gate):
-        logits = model.llm.causal_lm()(
-            inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
-        ).logits.float()
+    prompt, logits = teacher_forced(model, seq, length, candidates, targets)
     per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), prompt.input_ids[:, 1:], reduction="none")
     mask = prompt.answer_mask[:, 1:]
     torch.testing.assert_close(loss, per_token[mask].mean(), rtol=1e-5, atol=1e-5)
@@ -142,12 +148,7 @@ def test_likelihood_scores_reuse_the_prompt_cache_exactly(generative):
         cached = model._candidate_likelihood(seq, length, candidates)  # [3, 5]
         for column in range(5):  # teacher-forced prompt + answer, no cache
             answers = candidates[:, column]
-            prompt = model.answer_prompt(seq, length, candidates, answers)
-            inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
-            with model.adapter(gate):
-                logits = model.llm.causal_lm()(
-                    inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
-                ).logits.float()
+            prompt, logits = teacher_forced(model, seq, length, candidates, answers)
             log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, prompt.input_ids[:, 1:].unsqueeze(-1))
             mask = prompt.answer_mask[:, 1:]
             direct = (log_probs.squeeze(-1) * mask).sum(1) / mask.sum(1)
@@ -171,12 +172,8 @@ def test_generation_keeps_each_users_gate(generative):
     # the first generated token is the argmax of the same prompt's forward (positions line up under left padding)
     model.gate_weights = lambda *args: gates[: args[0].shape[0]]
     _, tokens = model.generate_answers(seq, length, candidates, return_tokens=True)
-    prompt = model.answer_prompt(seq, length, candidates)
-    inputs_embeds, gate = model.adapter_inputs(seq, length, prompt)
-    with torch.no_grad(), model.adapter(gate):
-        logits = model.llm.causal_lm()(
-            inputs_embeds=inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
-        ).logits
+    with torch.no_grad():
+        _, logits = teacher_forced(model, seq, length, candidates)
     assert torch.equal(tokens[:, 0], logits[:, -1].argmax(-1))
 
 

@@ -237,31 +237,29 @@ class LLMSequentialRecommender(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         candidates = self.candidate_lists(interaction) if candidates is None else candidates
         prompt = self.answer_prompt(item_seq, item_seq_len, candidates, interaction[self.POS_ITEM_ID])
-        inputs_embeds, state = self.adapter_inputs(item_seq, item_seq_len, prompt)
-        with self.adapter(state):
-            hidden = self.llm.decoder()(
-                inputs_embeds=inputs_embeds,
-                attention_mask=prompt.attention_mask,
-                position_ids=prompt.position_ids,
-                use_cache=False,
-            ).last_hidden_state  # [B, T, H]
+        hidden = self._decode_prompt(item_seq, item_seq_len, prompt).last_hidden_state  # [B, T, H]
         predicts_answer = prompt.answer_mask[:, 1:]  # position t predicts token t + 1
         logits = self.llm.lm_head()(hidden[:, :-1][predicts_answer])  # [n_answer_tokens, V]
         return F.cross_entropy(logits.float(), prompt.input_ids[:, 1:][predicts_answer])
 
-    def _candidate_likelihood(self, item_seq, item_seq_len, candidates):
-        """Mean log-likelihood of every candidate's title and end of sequence given the prompt listing them,
-        ``[B, C]``; the prompt is encoded once per history and its cache reused for its candidates."""
-        prompt = self.answer_prompt(item_seq, item_seq_len, candidates)
+    def _decode_prompt(self, item_seq, item_seq_len, prompt, use_cache=False, return_state=False):
+        """The decoder's output for ``prompt`` under the histories' adapter state (and that state if asked)."""
         inputs_embeds, state = self.adapter_inputs(item_seq, item_seq_len, prompt)
-        batch_size, num = candidates.shape
         with self.adapter(state):
             output = self.llm.decoder()(
                 inputs_embeds=inputs_embeds,
                 attention_mask=prompt.attention_mask,
                 position_ids=prompt.position_ids,
-                use_cache=True,
+                use_cache=use_cache,
             )
+        return (output, state) if return_state else output
+
+    def _candidate_likelihood(self, item_seq, item_seq_len, candidates):
+        """Mean log-likelihood of every candidate's title and end of sequence given the prompt listing them,
+        ``[B, C]``; the prompt is encoded once per history and its cache reused for its candidates."""
+        prompt = self.answer_prompt(item_seq, item_seq_len, candidates)
+        batch_size, num = candidates.shape
+        output, state = self._decode_prompt(item_seq, item_seq_len, prompt, use_cache=True, return_state=True)
         last = output.last_hidden_state[:, -1]  # [B, H]: predicts each answer's first token
         cache = output.past_key_values
         cache.batch_repeat_interleave(num)
