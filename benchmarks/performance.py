@@ -324,6 +324,7 @@ def checkpoint_bytes(data, overrides, encoder, work):
         trainer.optimizer.step()
     trainer.best_valid_score = 0.0
     trainer._save_checkpoint(0, verbose=False)
+    trainer.save_training_state(1)  # what resuming epoch 1 reads
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     model_file = os.path.getsize(trainer.saved_model_file)
     state_file = os.path.getsize(training_state_file(trainer.saved_model_file))

@@ -83,6 +83,26 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def safe_load(path, key=None, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, never code. A missing file, or one
+    that is no such checkpoint (tampered, truncated, pickled objects), is a clear error naming ``key`` and the file.
+    """
+    import os
+
+    import torch
+
+    what = f"'{key}' = {str(path)!r}" if key else repr(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} does not exist.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # UnpicklingError (pickled objects), RuntimeError (not a torch zip), EOFError, ...
+        raise ValueError(
+            f"{what} cannot be loaded safely as a checkpoint (torch.load with weights_only=True refuses it or it is "
+            f"damaged): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+
 def model_checkpoint(trainer, epoch):
     """RecBole's checkpoint fields but the optimizer's, with plain values (weights-only loadable)."""
     return {

@@ -22,14 +22,16 @@ import tempfile
 import time
 from logging import getLogger
 
-import torch
+import recbole
 import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import InputType, ModelType, get_environment, init_logger, init_seed, set_color
 
+from recbole_ilora._compat import safe_load
 from recbole_ilora.config import Config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+from recbole_ilora.trainer import model_file_of, training_state_file
 from recbole_ilora.utils import get_model, get_trainer
 
 
@@ -67,6 +69,68 @@ def pretrain_sasrec(config, show_progress=False):
         f"saved to {trainer.saved_model_file}"
     )
     return trainer.saved_model_file
+
+
+FILTER_KEYS = (
+    "rm_dup_inter",
+    "val_interval",
+    "filter_inter_by_user_or_item",
+    "user_inter_num_interval",
+    "item_inter_num_interval",
+)
+
+
+def check_dataset(config):
+    """Before anything is built: the dataset's interaction file must exist, unless RecBole can download the dataset
+    by name (it then does, which needs the network)."""
+    names = config["benchmark_filename"] or [None]
+    files = [
+        os.path.join(config["data_path"], f"{config['dataset']}{'.' + part if part else ''}.inter") for part in names
+    ]
+    if all(os.path.isfile(file) for file in files):
+        return
+    with open(os.path.join(os.path.dirname(recbole.__file__), "properties", "dataset", "url.yaml")) as file:
+        downloadable = yaml.safe_load(file) or {}
+    if config["dataset"] in downloadable:
+        return
+    missing = next(file for file in files if not os.path.isfile(file))
+    raise FileNotFoundError(
+        f"'dataset' = {config['dataset']!r}: the interaction file {missing} does not exist, and RecBole knows no "
+        f"dataset of that name to download. Put <name>/<name>.inter (RecBole's atomic files) under 'data_path' "
+        f"(now {os.path.dirname(os.path.normpath(config['data_path']))!r}) or choose a RecBole dataset name."
+    )
+
+
+def create_filtered_dataset(config):
+    """RecBole's ``create_dataset``, with a clear error when its filters leave nothing."""
+    try:
+        dataset = create_dataset(config)
+    except ValueError as error:
+        if "feat is empty" not in str(error):
+            raise
+        dataset = None
+    if dataset is None or dataset.inter_num == 0:
+        filters = {key: config[key] for key in FILTER_KEYS if config[key] not in (None, False, {}, [])}
+        raise ValueError(
+            f"Dataset {config['dataset']!r} has no interactions left after RecBole's filtering ({filters}); "
+            "relax these keys."
+        )
+    return dataset
+
+
+def check_resume(config):
+    """``resume_checkpoint``, before any data is prepared: the file must exist; a plugin LLM run resumes with the
+    SASRec encoder it was trained with (from its training state) unless ``sasrec_checkpoint`` is given."""
+    path = config["resume_checkpoint"]
+    if not path:
+        return
+    if not issubclass(get_model(config["model"]), LLMSequentialRecommender):
+        safe_load(path, "resume_checkpoint")  # RecBole's own resume (its best checkpoint and optimizer) reads it
+        return
+    state_file = training_state_file(model_file_of(path))
+    state = safe_load(state_file, "resume_checkpoint")
+    if not config["sasrec_checkpoint"]:
+        config["sasrec_checkpoint"] = state["config"].get("sasrec_checkpoint")
 
 
 def prepare_model(config, train_data, show_progress=False, timings=None):
@@ -120,8 +184,13 @@ def train_and_evaluate(config, saved=True, verbose=True):
     """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict."""
     logger = getLogger()
     timings = {}
+    model_class = get_model(config["model"])
+    if issubclass(model_class, LLMSequentialRecommender):
+        model_class.check_config(config)  # before any data is prepared
+    check_dataset(config)
+    check_resume(config)
     started = time.perf_counter()
-    dataset = create_dataset(config)
+    dataset = create_filtered_dataset(config)
     if verbose:
         logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -134,6 +203,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if config["resume_checkpoint"]:
+        trainer.resume_checkpoint(config["resume_checkpoint"])
     started = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
@@ -222,7 +293,9 @@ def load_data_and_model(model_file):
     Returns:
         tuple: ``config, model, dataset, train_data, valid_data, test_data``, the model in eval mode.
     """
-    checkpoint = torch.load(model_file, map_location="cpu", weights_only=True)
+    checkpoint = safe_load(model_file, "model_file")
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        raise ValueError(f"{model_file!r} is not a RecBole model checkpoint (no config and state_dict).")
     saved = checkpoint["config"]
     restored = {key: value for key, value in saved.items() if key not in _DERIVED_KEYS}
     if restored.get("train_neg_sample_args", {}).get("distribution") == "none":  # RecBole's expansion of None

@@ -1,71 +1,174 @@
-"""Trainers for the plugin's models: RecBole's ``Trainer`` with the optimizer over trained parameters only, and
-checkpoints split in two.
+"""Trainers for the plugin's models: RecBole's ``Trainer`` with the optimizer over trained parameters only, two
+checkpoint files, and exact resumption.
 
-- ``saved/<model>-<time>.pth``, the model checkpoint: the trained parameters (adapter, gate, projector, head), the
-  plain-dict configuration that rebuilds the frozen parts, epoch and best score. This is the file to share, to
-  test and to reload (``load_data_and_model``); it is barely larger than the trained parameters.
-- ``saved/<model>-<time>.training_state.pth``: what only resuming needs (the optimizer's state, e.g. Adam's two
-  moments, twice the trained parameters' size), read by ``resume_checkpoint``.
+- ``saved/<model>-<time>.pth``, the model checkpoint: the best trained parameters (adapter, gate, projector, head),
+  the plain-dict configuration that rebuilds the frozen parts, epoch and best score, written whenever the validation
+  score improves (RecBole's rule). This is the file to share, to test and to reload (``load_data_and_model``).
+- ``saved/<model>-<time>.training_state.pth``, written at the start of every epoch: everything the run needs to go
+  on exactly where it was: the latest trained parameters, the optimizer's state, the epoch, the early-stopping
+  counter, best score and result, and every random state (torch, CUDA, numpy, Python, the training loader's
+  shuffling generator). ``resume_checkpoint`` (the runner's ``resume_checkpoint`` key) restarts from it; a run
+  killed at any point and resumed ends with the same metrics as one never interrupted.
 
-Both are written atomically and load with ``torch.load(weights_only=True)``.
+Both are written atomically (a kill during a save leaves the previous file intact) and load with
+``torch.load(weights_only=True)``: tensors and plain values, never pickled code.
 """
 
 import os
+import random
+from collections import OrderedDict
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ilora._compat import atomic_torch_save, model_checkpoint
+from recbole_ilora._compat import atomic_torch_save, model_checkpoint, plain_config, safe_load
+
+TRAINING_STATE_SUFFIX = ".training_state"
 
 
 def training_state_file(model_file):
     """The training-state companion of a model checkpoint: ``x.pth`` -> ``x.training_state.pth``."""
     root, extension = os.path.splitext(str(model_file))
-    return root + ".training_state" + (extension or ".pth")
+    return root + TRAINING_STATE_SUFFIX + (extension or ".pth")
+
+
+def model_file_of(path):
+    """The model checkpoint named by ``path``, which may be the model checkpoint or its training state."""
+    root, extension = os.path.splitext(str(path))
+    if root.endswith(TRAINING_STATE_SUFFIX):
+        return root[: -len(TRAINING_STATE_SUFFIX)] + extension
+    return str(path)
+
+
+def random_states():
+    """Every random generator's state, as tensors and plain values (weights-only loadable)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_random_states(states):
+    """Restore what :func:`random_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class LLMRecTrainer(Trainer):
     """RecBole's Trainer; the optimizer holds only parameters that require gradients (adapter, gate, projector,
     head), never the frozen (possibly 4-bit) backbone, so its state and checkpoints stay small."""
 
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.best_epoch = None  # the epoch of the model checkpoint on disk, if any
+        self._saving = True
+        self._resumed_loader_state = None
+
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
         return super()._build_optimizer(**kwargs)
 
+    def _is_writer(self):
+        return self.config["single_spec"] or self.config["local_rank"] == 0
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._saving = saved
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._resumed_loader_state is not None:  # the first epoch after resume_checkpoint: shuffle as before
+            train_data.generator.set_state(self._resumed_loader_state)
+            self._resumed_loader_state = None
+        elif self._saving:
+            self.save_training_state(epoch_idx, train_data)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def save_training_state(self, epoch, train_data=None):
+        """Write the training state for starting ``epoch`` (see the module docstring)."""
+        if not self._is_writer():
+            return
+        state = {
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": None
+            if self.best_valid_result is None
+            else {key: float(value) for key, value in self.best_valid_result.items()},
+            "best_epoch": self.best_epoch,
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+            "random_states": random_states(),
+            "loader_generator": None if train_data is None else train_data.generator.get_state(),
+            "config": plain_config(self.config),
+        }
+        path = training_state_file(self.saved_model_file)
+        atomic_torch_save(state, path)
+        if epoch == self.start_epoch:
+            self.logger.info(set_color("Training state", "blue") + f": {path} (resume with --resume_checkpoint=<it>)")
+
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not self._is_writer():
             return
         model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save({"epoch": epoch, "optimizer": self.optimizer.state_dict()}, training_state_file(model_file))
         atomic_torch_save(model_checkpoint(self, epoch), model_file)
+        self.best_epoch = epoch
         if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {model_file} (+ training state)")
+            self.logger.info(set_color("Saving current", "blue") + f": {model_file}")
 
     def resume_checkpoint(self, resume_file):
-        """RecBole's resume: weights, epoch, step and best score from the model checkpoint, the optimizer's state
-        from its training-state companion (which must belong to the same epoch)."""
-        resume_file = str(resume_file)
-        state_file = training_state_file(resume_file)
+        """Continue a run exactly where its training state was written (``resume_file``: the model checkpoint
+        ``saved/<model>-<time>.pth`` or its ``.training_state.pth``): trained weights, optimizer, epoch,
+        early-stopping counter, best score and result, random states. Later best checkpoints overwrite the same
+        model checkpoint."""
+        model_file = model_file_of(resume_file)
+        state_file = training_state_file(model_file)
         if not os.path.exists(state_file):
             raise FileNotFoundError(
-                f"Cannot resume from {resume_file}: its training state {state_file} (the optimizer's state) is missing."
+                f"Cannot resume from {resume_file}: its training state {state_file} is missing (it is written at the "
+                "start of every epoch by the plugin's trainer)."
             )
-        checkpoint = torch.load(resume_file, map_location=self.device, weights_only=True)
-        state = torch.load(state_file, map_location=self.device, weights_only=True)
-        if state["epoch"] != checkpoint["epoch"]:
+        state = safe_load(state_file, "resume_checkpoint")
+        if str(state.get("model", "")).lower() != str(self.config["model"]).lower():
             raise ValueError(
-                f"{state_file} belongs to epoch {state['epoch']} but {resume_file} to epoch {checkpoint['epoch']}."
+                f"{state_file} holds a {state.get('model')} run, not a {self.config['model']}: cannot resume."
             )
-        if checkpoint["config"]["model"].lower() != self.config["model"].lower():
+        if state.get("dataset") != self.config["dataset"]:
             raise ValueError(
-                f"{resume_file} holds a {checkpoint['config']['model']}, not a {self.config['model']}: cannot resume."
+                f"{state_file} was trained on dataset {state.get('dataset')!r}, not {self.config['dataset']!r}: "
+                "cannot resume."
             )
-        self.saved_model_file = resume_file
-        self.start_epoch = checkpoint["epoch"] + 1
-        self.cur_step = checkpoint["cur_step"]
-        self.best_valid_score = checkpoint["best_valid_score"]
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        if os.path.exists(model_file):
+            best_epoch = safe_load(model_file, "resume_checkpoint")["epoch"]
+            if not (state["best_epoch"] or 0) <= best_epoch <= state["epoch"]:
+                raise ValueError(
+                    f"{state_file} starts epoch {state['epoch']} with its best model at epoch {state['best_epoch']}, "
+                    f"but {model_file} belongs to epoch {best_epoch}: they are not from the same run."
+                )
+        elif state["best_epoch"] is not None:
+            raise FileNotFoundError(f"Cannot resume: {state_file} needs its best model checkpoint {model_file}.")
+        self.saved_model_file = model_file
+        self.start_epoch = state["epoch"]
+        self.cur_step = state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = None if state["best_valid_result"] is None else OrderedDict(state["best_valid_result"])
+        self.best_epoch = state["best_epoch"]
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state.get("other_parameter"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        set_random_states(state["random_states"])
+        self._resumed_loader_state = state["loader_generator"]
+        self.logger.info(f"Training state loaded from {state_file}. Resume training from epoch {self.start_epoch}")

@@ -1,8 +1,54 @@
-"""Reliability: the same seed and configuration give the same metrics; another seed gives others."""
+"""Reliability: reproducible metrics, exact resumption after SIGKILL, atomic checkpoints, safe loading."""
 
-from conftest import TINY
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
-from recbole_ilora.quick_start import objective_function
+import pytest
+import torch
+import transformers
+from conftest import REPO_ROOT, TINY, tiny_config
+from recbole.data import create_dataset, data_preparation
+
+from recbole_ilora._compat import atomic_torch_save, safe_load
+from recbole_ilora.model import iLoRA
+from recbole_ilora.quick_start import load_data_and_model, objective_function
+
+# A run in a subprocess (config as JSON in argv[1], result JSON to argv[2]); with argv[3] = "E", the process
+# SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written.
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from recbole_ilora.quick_start import objective_function
+    from recbole_ilora.trainer import LLMRecTrainer
+
+    config, output = json.loads(sys.argv[1]), sys.argv[2]
+    if len(sys.argv) > 3:
+        kill_epoch, train_epoch = int(sys.argv[3]), LLMRecTrainer._train_epoch
+
+        def dying_train_epoch(self, train_data, epoch_idx, **kwargs):
+            if epoch_idx == kill_epoch:
+                loss, batches = self.model.calculate_loss, []
+
+                def counting_loss(interaction):
+                    batches.append(1)
+                    if len(batches) == 3:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return loss(interaction)
+
+                self.model.calculate_loss = counting_loss
+            return train_epoch(self, train_data, epoch_idx, **kwargs)
+
+        LLMRecTrainer._train_epoch = dying_train_epoch
+    result = objective_function(config_dict=config)
+    keys = ["best_valid_result", "test_result", "test_results", "saved_model_file"]
+    with open(output, "w") as file:
+        json.dump({key: result[key] for key in keys}, file)
+    """
+)
 
 
 def run(seed, sasrec_checkpoint, llm_cache):
@@ -18,3 +64,113 @@ def test_same_seed_same_metrics_other_seed_other_metrics(sasrec_checkpoint, llm_
     assert first == again  # full ranking and the seeded uni19, exactly
     other = run(7, sasrec_checkpoint, llm_cache)
     assert other[1]["uni19"] != first[1]["uni19"]  # other candidates and another training order
+
+
+def run_in_subprocess(config, tmp_path, name, kill_epoch=None):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    output = tmp_path / f"{name}.json"
+    command = [sys.executable, str(script), json.dumps(config), str(output)]
+    command += [] if kill_epoch is None else [str(kill_epoch)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
+    return process, (json.loads(output.read_text()) if output.exists() else None)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(sasrec_checkpoint, llm_cache, tmp_path):
+    config = {**TINY, "model": "iLoRA", "epochs": 3, "stopping_step": 5, "test_modes": ["full", "uni19"]}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, lora_dropout=0.1)
+    process, expected = run_in_subprocess({**config, "checkpoint_dir": "saved-whole"}, tmp_path, "whole")
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    killed = {**config, "checkpoint_dir": "saved-killed"}
+    process, result = run_in_subprocess(killed, tmp_path, "killed", kill_epoch=1)
+    assert process.returncode == -signal.SIGKILL and result is None
+    (state_file,) = (tmp_path / "saved-killed").glob("iLoRA-*.training_state.pth")
+    (model_file,) = [path for path in (tmp_path / "saved-killed").glob("iLoRA-*.pth") if path != state_file]
+    assert safe_load(state_file)["epoch"] == 1 and safe_load(model_file)["epoch"] == 0
+
+    # Resumed by the model file; the SASRec encoder comes from the training state (not given again).
+    resumed = {**killed, "resume_checkpoint": str(model_file)}
+    del resumed["sasrec_checkpoint"]
+    process, result = run_in_subprocess(resumed, tmp_path, "resumed")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert result["saved_model_file"] == str(model_file)  # the same files go on
+    for key in ("best_valid_result", "test_result", "test_results"):
+        assert result[key] == expected[key], key  # exactly: full ranking and uni19
+    assert safe_load(state_file)["epoch"] == 2
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from recbole_ilora._compat import atomic_torch_save
+
+    def dying_save(obj, file, *args, **kwargs):  # dies half way through writing the new checkpoint
+        file.write(b"PK\\x03\\x04" + bytes(4096))
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = dying_save
+    atomic_torch_save({"epoch": 1, "weight": torch.ones(8)}, sys.argv[1])
+    """
+)
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    atomic_torch_save({"epoch": 0, "weight": torch.zeros(8)}, path)
+    script = tmp_path / "save.py"
+    script.write_text(KILLED_SAVE)
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.run([sys.executable, str(script), str(path)], env=environment, timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    checkpoint = safe_load(path)
+    assert checkpoint["epoch"] == 0 and torch.equal(checkpoint["weight"], torch.zeros(8))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".saving-")]  # the partial write stayed aside
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch exploited",))
+
+
+def test_tampered_or_damaged_checkpoints_fail_cleanly_and_run_nothing(tmp_path):
+    tampered = tmp_path / "tampered.pth"
+    torch.save({"config": {}, "state_dict": {}, "payload": Exploit()}, tampered)
+    damaged = tmp_path / "damaged.pth"
+    atomic_torch_save({"config": {}, "state_dict": {"w": torch.zeros(1000)}}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    for path in (tampered, damaged):
+        with pytest.raises(ValueError, match="cannot be loaded safely"):
+            load_data_and_model(str(path))
+    with pytest.raises(ValueError, match="'sasrec_checkpoint' = .*cannot be loaded safely"):
+        objective_function(config_dict={**TINY, "model": "iLoRA", "sasrec_checkpoint": str(tampered)})
+    with pytest.raises(ValueError, match="'resume_checkpoint' = .*cannot be loaded safely"):
+        objective_function(config_dict={**TINY, "model": "SASRec", "resume_checkpoint": str(tampered)})
+    assert not os.path.exists("exploited") and not (tmp_path / "exploited").exists()
+
+
+def test_recbole_builtin_checkpoint_reloads_through_the_plugin(sasrec_checkpoint):
+    config, model, _, _, _, test_data = load_data_and_model(sasrec_checkpoint)
+    assert config["model"] == "SASRec" and not model.training
+    saved = safe_load(sasrec_checkpoint)["state_dict"]
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in saved.items())
+    with torch.no_grad():
+        scores = model.full_sort_predict(next(iter(test_data))[0])
+    assert scores.shape[1] == model.n_items and torch.isfinite(scores).all()
+
+
+def test_remote_code_is_off_unless_asked(sasrec_checkpoint, llm_cache, monkeypatch):
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    assert config["llm_trust_remote_code"] is False
+    iLoRA(config, data_preparation(config, create_dataset(config))[0]._dataset)
+    assert seen == [False]

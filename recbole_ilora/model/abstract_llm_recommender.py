@@ -27,7 +27,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_ilora.model.backbone import load_backbone
+from recbole_ilora.model.backbone import load_backbone, require_bitsandbytes
 from recbole_ilora.model.prompt import PromptBuilder, fill_missing_texts, item_texts, parse_template, split_template
 from recbole_ilora.model.sequence_encoder import build_frozen_sasrec
 from recbole_ilora.validation import require_int, require_positive
@@ -68,9 +68,13 @@ class LLMSequentialRecommender(SequentialRecommender):
     @classmethod
     def check_config(cls, config):
         """Reject out-of-range or mistyped keys before any data is prepared or model trained."""
-        require_int(config, "llm_eval_batch_size", 1)
-        require_int(config, "prompt_max_title_tokens", 1)
+        for key in ("llm_eval_batch_size", "prompt_max_title_tokens", "MAX_ITEM_LIST_LENGTH", "train_batch_size"):
+            require_int(config, key, 1)
         require_positive(config, "learning_rate")
+        if not config["sasrec_checkpoint"]:  # the SASRec pretraining's own keys
+            require_int(config, "sasrec_epochs", 1)
+            require_int(config, "sasrec_train_batch_size", 1)
+            require_positive(config, "sasrec_learning_rate")
         objective = config["objective"] or "head"
         if objective not in OBJECTIVES:
             raise ValueError(f"Make sure 'objective' in {list(OBJECTIVES)}, got {objective!r}.")
@@ -86,6 +90,8 @@ class LLMSequentialRecommender(SequentialRecommender):
                     f"'eval_args' mode to uni<N> (got {config['eval_args']['mode']!r}); "
                     "--config_files=properties/generative.yaml does it."
                 )
+        if config["llm_load_in_4bit"]:
+            require_bitsandbytes()
         if not config["llm_path"]:
             for key in ("llm_hidden_size", "llm_num_layers", "llm_num_heads", "llm_intermediate_size"):
                 require_int(config, key, 1)

@@ -106,16 +106,22 @@ def build_embedded_llm(config, corpus):
     return target
 
 
-def _quantization_config(config, dtype):
-    from transformers import BitsAndBytesConfig
-
+def require_bitsandbytes():
+    """``llm_load_in_4bit`` needs bitsandbytes: an error at start-up where it cannot be imported (no fallback that
+    would silently train another model than the one asked for)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            "'llm_load_in_4bit' is True but bitsandbytes cannot be imported; install it (setup.cfg pins it) or "
-            "set --llm_load_in_4bit=False."
+            f"'llm_load_in_4bit' is True but bitsandbytes cannot be imported ({error}); install it (setup.cfg pins "
+            "it) or set --llm_load_in_4bit=False for the dense backbone."
         ) from error
+
+
+def _quantization_config(config, dtype):
+    from transformers import BitsAndBytesConfig
+
+    require_bitsandbytes()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=config["llm_4bit_quant_type"],

@@ -5,12 +5,11 @@ The checkpoint is what ``run_recbole_ilora.py --model=SASRec`` saves (its config
 current configuration, and it must come from the same dataset with the same item count and history length.
 """
 
-import os
-import pickle
 from logging import getLogger
 
-import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
+
+from recbole_ilora._compat import safe_load
 
 SASREC_ARCHITECTURE_KEYS = (
     "n_layers",
@@ -27,15 +26,7 @@ SASREC_ARCHITECTURE_KEYS = (
 
 def read_sasrec_checkpoint(path):
     """The checkpoint dict at ``path``, loaded weights-only; a clear error if it is not a SASRec checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'sasrec_checkpoint' = {path!r} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"'sasrec_checkpoint' = {path!r} cannot be loaded safely (weights_only=True): it carries pickled objects. "
-            "Use a checkpoint saved by run_recbole_ilora.py --model=SASRec."
-        ) from error
+    checkpoint = safe_load(path, "sasrec_checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ValueError(f"'sasrec_checkpoint' = {path!r} is not a RecBole checkpoint (no state_dict/config).")
     model = checkpoint["config"].get("model")
