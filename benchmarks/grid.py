@@ -84,7 +84,7 @@ SEEDS = [2020, 2021, 2022]
 VOLATILE_KEYS = {
     "checkpoint_dir", "data_path", "device", "gpu_id", "use_gpu", "show_progress", "state", "local_rank",
     "single_spec", "nproc", "world_size", "offset", "ip", "port", "sasrec_checkpoint", "llm_cache_dir",
-    "log_wandb", "wandb_project", "worker", "config_files", "resume_checkpoint",
+    "log_wandb", "wandb_project", "worker", "config_files", "resume_checkpoint", "dist_backend",
 }  # fmt: skip
 # Keys added after runs were recorded, at the values that reproduce what those runs did: left out of the hash at
 # these values, so that a new option does not invalidate finished runs (a key at another value changes the hash).

@@ -1,7 +1,7 @@
 """RecBole 1.2.1 on today's stack: every shim in one place, each with the reason and a test (tests/test_compat.py).
 
 RecBole 1.2.1 was released for numpy 1, pandas 1/2 and torch < 2.6. On the stack pinned in setup.cfg it breaks
-in four known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
+in five known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
 by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
 
 1. numpy 2 removed ``np.float_``, ``np.complex_`` and ``np.unicode_``; ``Config.compatibility_settings`` reads
@@ -19,6 +19,13 @@ by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
 4. pandas 3 breaks ``token_seq`` item fields (ml-100k's ``movie_title``) in ``Dataset._remap`` and silently
    ignores ``fillna(inplace=True)`` on a column. Shim: setup.cfg pins ``pandas<3``; :func:`check_pandas` turns an
    environment that slipped past the pin into a clear error instead of silently wrong data.
+
+5. RecBole's distributed mode assumes CUDA: ``Config._init_device`` hard-codes the NCCL backend and CUDA devices
+   (our :class:`recbole_ilora.config.Config` adds the ``dist_backend`` key and a gloo/CPU path), and
+   ``AbstractTrainer`` wraps the model in ``DistributedDataParallel(model, device_ids=[local_rank])``, which a CPU
+   module rejects ("device_ids ... only work with ... GPU modules"). Shim: the ``DistributedDataParallel`` name in
+   ``recbole.trainer.trainer`` becomes :func:`distributed_data_parallel`, which passes no ``device_ids`` for a CPU
+   module and is otherwise torch's class.
 
 Also: ``recbole.quick_start`` imports ray 2.6.3, which fails on this stack (``pkg_resources``); this package never
 imports it (``recbole_ilora.quick_start`` follows RecBole's steps with RecBole's parts).
@@ -136,6 +143,21 @@ def _patch_checkpoint_saving():
     recbole_trainer.Trainer._save_checkpoint = save_checkpoint
 
 
+def distributed_data_parallel(module, device_ids=None, **kwargs):
+    """Shim 5: torch's ``DistributedDataParallel``, without ``device_ids`` for a module on the CPU."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if all(parameter.device.type == "cpu" for parameter in module.parameters()):
+        device_ids = None
+    return DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+def _patch_distributed_data_parallel():
+    from recbole.trainer import trainer as recbole_trainer
+
+    recbole_trainer.DistributedDataParallel = distributed_data_parallel
+
+
 def import_sequential_models_without_anomaly_mode():
     """Shim 3: import RecBole's sequential models (sine.py included) and undo sine.py's global anomaly mode."""
     import torch
@@ -169,4 +191,5 @@ def apply():
     alias_numpy_2_names()
     import_sequential_models_without_anomaly_mode()
     _patch_checkpoint_saving()
+    _patch_distributed_data_parallel()
     _APPLIED = True

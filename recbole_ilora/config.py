@@ -51,6 +51,43 @@ class Config(RecBoleConfig):
         dataset_keys = self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml")
         self.parameters["Dataset"] += [key for key in dataset_keys if key not in self.parameters["Dataset"]]
 
+    def _init_device(self):
+        """RecBole's device set-up, plus ``dist_backend`` for its distributed mode (``nproc``/``world_size``, which
+        set ``local_rank``): 'nccl' (RecBole's, one CUDA device per process), 'gloo' (CPU processes, or CUDA where NCCL
+        is missing), or unset: nccl when CUDA is usable, else gloo."""
+        import torch
+
+        settings = self.final_config_dict
+        if "local_rank" not in settings:  # one process
+            return super()._init_device()
+        backend = settings.get("dist_backend")
+        cuda = torch.cuda.is_available() and settings.get("use_gpu", True) and str(settings["gpu_id"]) != ""
+        if backend is None:
+            backend = "nccl" if cuda else "gloo"
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"Make sure 'dist_backend' in ['nccl', 'gloo'] (or unset), got {backend!r}.")
+        settings["dist_backend"] = backend
+        if backend == "nccl":
+            return super()._init_device()
+        settings["gpu_id"] = str(settings["gpu_id"])
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend="gloo",
+                rank=settings["local_rank"] + (settings.get("offset") or 0),
+                world_size=settings.get("world_size") or settings.get("nproc") or 1,
+                init_method=f"tcp://{settings.get('ip') or 'localhost'}:{settings.get('port') or 5678}",
+            )
+        if cuda:
+            settings["device"] = torch.device("cuda", settings["local_rank"])
+            torch.cuda.set_device(settings["local_rank"])
+        else:
+            settings["device"] = torch.device("cpu")
+        settings["single_spec"] = False
+        if settings["local_rank"] != 0:  # as RecBole: only the first process logs and shows progress
+            settings["state"] = "error"
+            settings["show_progress"] = False
+            settings["verbose"] = False
+
     def _load_plugin_property_file(self, path):
         if not os.path.isfile(path):
             return {}

@@ -23,6 +23,7 @@ import time
 from logging import getLogger
 
 import recbole
+import torch
 import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.data.utils import create_samplers, get_dataloader
@@ -64,6 +65,11 @@ def pretrain_sasrec(config, show_progress=False):
     model = get_model("SASRec")(sasrec_config, train_data._dataset).to(config["device"])
     trainer = get_trainer(sasrec_config["MODEL_TYPE"], "SASRec")(sasrec_config, model)
     best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
+    if not config["single_spec"]:  # distributed: the first process wrote the checkpoint, under its own name
+        torch.distributed.barrier()
+        names = [trainer.saved_model_file]
+        torch.distributed.broadcast_object_list(names, src=0)
+        trainer.saved_model_file = names[0]
     logger.info(
         set_color("SASRec encoder", "green") + f": best valid {config['valid_metric']} = {best_score:.4f}, "
         f"saved to {trainer.saved_model_file}"
@@ -253,6 +259,44 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
     logger.info(sys.argv)
     logger.info(config)
     return train_and_evaluate(config, saved=saved, verbose=True)
+
+
+def run(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    nproc=1,
+    world_size=-1,
+    ip="localhost",
+    port="5678",
+    group_offset=0,
+):
+    """RecBole's ``quick_start.run``: :func:`run_recbole_ilora` in this process, or in ``nproc`` processes of a
+    ``world_size``-process group (RecBole's distributed mode; ``dist_backend`` picks NCCL or gloo; several machines:
+    each runs ``nproc`` processes with its ``group_offset``, all with the first machine's ``ip`` and ``port``).
+    Every process trains its share of each batch with its own copy of the frozen backbone; only the trained
+    parameters' gradients are averaged. Returns the first process's result (None on a machine without it)."""
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_ilora(model, dataset, config_file_list, config_dict, saved)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    settings = {"world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": port, "nproc": nproc}
+    config_dict = {**(config_dict or {}), **settings, "offset": group_offset}
+    mp.spawn(_run_process, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def _run_process(local_rank, model, dataset, config_file_list, config_dict, saved, queue):
+    try:
+        result = run_recbole_ilora(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+        if local_rank == 0 and config_dict.get("offset", 0) == 0:
+            queue.put(result)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 
 from recbole_ilora._compat import atomic_torch_save, model_checkpoint, plain_config, safe_load
 
@@ -70,10 +71,28 @@ class LLMRecTrainer(Trainer):
     head), never the frozen (possibly 4-bit) backbone, so its state and checkpoints stay small."""
 
     def __init__(self, config, model):
+        if not config["single_spec"]:  # RecBole's distributed mode: synchronise the trained parameters only
+            frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+            buffers = [name for name, _ in model.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen + buffers)
         super().__init__(config, model)
         self.best_epoch = None  # the epoch of the model checkpoint on disk, if any
         self._saving = True
         self._resumed_loader_state = None
+        if not config["single_spec"]:  # every process names the files of the first (each has its own clock)
+            names = [self.saved_model_file]
+            torch.distributed.broadcast_object_list(names, src=0)
+            self.saved_model_file = names[0]
+
+    def sync_grad_loss(self):
+        """RecBole's zero-valued sum over the parameters, so that each one takes part in DDP's reduction, over the
+        trained parameters only (RecBole's sums every parameter, the frozen 4-bit backbone included)."""
+        return sum(parameter.sum() * 0 for parameter in self.model.parameters() if parameter.requires_grad)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and not self.config["single_spec"]:
+            torch.distributed.barrier()  # the first process has finished writing the best checkpoint
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
