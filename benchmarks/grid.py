@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ from pathlib import Path
 STARTED = time.time()
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's recbole_ilora, even where another one is installed
+from machine import git_commit, hardware  # noqa: E402  (benchmarks/machine.py, next to this script)
+
 PROPERTIES = REPO / "properties"
 BASELINE_BUDGET = PROPERTIES / "benchmark" / "baselines.yaml"
 QUICK = PROPERTIES / "benchmark" / "quick.yaml"
@@ -241,13 +242,13 @@ def execute(runs, output, work, after_each=None):
     pending = [run for run in runs if not finished(output, run)]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; {len(pending)} to go", flush=True)
     for number, run in enumerate(pending, 1):
-        if run["encoder"] and (run["encoder"] in failed or not _encoder_ready(output, run, runs)):
-            print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, its encoder is missing", flush=True)
-            failed.append(run["run_id"])
-            continue
         spec = {**run, "output": str(run_file(output, run))}
         if run["encoder"]:
             encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
+            if run["encoder"] in failed or not finished(output, encoder_run):
+                print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, its encoder is missing", flush=True)
+                failed.append(run["run_id"])
+                continue
             spec["encoder_file"] = str(run_file(output, encoder_run))
         spec_path = work / "logs" / f"{run['run_id']}.spec.json"
         spec_path.write_text(json.dumps(spec, indent=1))
@@ -271,34 +272,6 @@ def execute(runs, output, work, after_each=None):
         if after_each:
             after_each()
     return failed
-
-
-def _encoder_ready(output, run, runs):
-    encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
-    return finished(output, encoder_run)
-
-
-def hardware():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def git_commit():
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "recbole_ilora", "properties", "benchmarks")
-    return commit + ("+uncommitted" if dirty else "")
 
 
 def worker(spec_path):

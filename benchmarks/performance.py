@@ -21,7 +21,6 @@
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's recbole_ilora, even where another one is installed
+from machine import git_commit, hardware  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 LARGE = {"llm_hidden_size": 1024, "llm_num_layers": 8, "llm_num_heads": 16, "llm_intermediate_size": 2816}
 QUICK_DATA = {
@@ -55,27 +55,6 @@ def config_for(model, data, overrides):
                       config_dict=config_dict)  # fmt: skip
     finally:
         sys.argv = argv
-
-
-def hardware():
-    import torch
-
-    with open("/proc/cpuinfo", encoding="utf-8") as file:
-        names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
-    return f"{os.cpu_count()} x {names[0] if names else platform.machine()}, torch {torch.__version__}, " + (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    )
-
-
-def git_commit():
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", "recbole_ilora", "properties", "benchmarks"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    return commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 # ----------------------------------------------------------------------------------------------- measurements

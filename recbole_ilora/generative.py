@@ -10,7 +10,10 @@
   ``Sampler`` among the items the user never interacted with (in any split), plus the target, in a random order.
 """
 
+import json
+import os
 import re
+from logging import getLogger
 
 import numpy as np
 import torch
@@ -120,9 +123,6 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
     Returns:
         dict: ``users``, ``valid_ratio``, ``hr@1_valid``, ``hr@1_all`` and ``generations_file``.
     """
-    import json
-    import os
-
     from recbole.utils import get_local_time, init_seed, set_color
     from tqdm import tqdm
 
@@ -168,7 +168,6 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
                 }
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
     result = {**summarize_verdicts(verdicts), "generations_file": output_file}
-    from logging import getLogger
 
     getLogger().info(set_color("generative test", "yellow") + f": {result}")
     return result
