@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,13 @@ def test_remote_code_is_off_unless_asked(sasrec_checkpoint, llm_cache, monkeypat
     assert config["llm_trust_remote_code"] is False
     iLoRA(config, data_preparation(config, create_dataset(config))[0]._dataset)
     assert seen == [False]
+
+
+def test_recbole_builtin_model_resumes_through_the_runner(sasrec_checkpoint, tmp_path):
+    copy = tmp_path / "SASRec-resumed.pth"
+    shutil.copy(sasrec_checkpoint, copy)
+    epoch = safe_load(copy)["epoch"]
+    config = {**TINY, "model": "SASRec", "epochs": epoch + 3, "resume_checkpoint": str(copy)}
+    result = objective_function(config_dict=config)  # RecBole's own resume_checkpoint: weights, optimizer, epoch
+    assert result["saved_model_file"] == str(copy)  # RecBole's resume keeps writing the resumed file
+    assert safe_load(copy)["epoch"] >= epoch and 0 <= result["test_result"]["ndcg@10"] <= 1
