@@ -80,7 +80,8 @@ def test_two_gloo_processes_match_one_process(sasrec_checkpoint, llm_cache, tmp_
     double = run(
         model=model,
         dataset=TINY["dataset"],
-        config_dict={**config, "checkpoint_dir": "saved-double", "dist_backend": "gloo"},
+        # A new backbone cache: the processes build the (identical, content-addressed) embedded LLaMA themselves.
+        config_dict={**config, "checkpoint_dir": "saved-double", "dist_backend": "gloo", "llm_cache_dir": "llm-double"},
         nproc=2,
         port=str(free_port()),
     )

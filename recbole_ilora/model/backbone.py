@@ -69,9 +69,25 @@ def train_embedded_tokenizer(corpus, vocab_size):
 
 def build_embedded_llm(config, corpus):
     """Create (once) and return the directory of the embedded small LLaMA and its tokenizer."""
+    target = embedded_llm_dir(config, corpus)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # transformers writes model files from global rank 0 only: it builds, the others wait (several machines need
+        # an llm_cache_dir they share, or the backbone built once beforehand by a one-process run).
+        if torch.distributed.get_rank() == 0:
+            _build_embedded_llm(config, corpus, target)
+        torch.distributed.barrier()
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise FileNotFoundError(
+                f"The embedded LLaMA {target} built by the first process is not visible here: with several machines, "
+                "set llm_cache_dir to a folder they share, or build it first with a one-process run."
+            )
+        return target
+    return _build_embedded_llm(config, corpus, target)
+
+
+def _build_embedded_llm(config, corpus, target):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = embedded_llm_dir(config, corpus)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     getLogger().info(f"Building the embedded LLaMA backbone in {target}")
