@@ -32,7 +32,7 @@ from recbole.utils import InputType, ModelType, get_environment, init_logger, in
 from recbole_ilora._compat import safe_load
 from recbole_ilora.config import Config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-from recbole_ilora.trainer import model_file_of, training_state_file
+from recbole_ilora.trainer import first_process_value, model_file_of, training_state_file
 from recbole_ilora.utils import get_model, get_trainer
 
 
@@ -67,9 +67,7 @@ def pretrain_sasrec(config, show_progress=False):
     best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
     if not config["single_spec"]:  # distributed: the first process wrote the checkpoint, under its own name
         torch.distributed.barrier()
-        names = [trainer.saved_model_file]
-        torch.distributed.broadcast_object_list(names, src=0)
-        trainer.saved_model_file = names[0]
+        trainer.saved_model_file = first_process_value(trainer.saved_model_file)
     logger.info(
         set_color("SASRec encoder", "green") + f": best valid {config['valid_metric']} = {best_score:.4f}, "
         f"saved to {trainer.saved_model_file}"
@@ -143,9 +141,7 @@ def prepare_model(config, train_data, show_progress=False, timings=None):
     """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one
     (``timings``, a dict, receives the seconds of ``sasrec_pretraining`` and ``model_building``)."""
     timings = {} if timings is None else timings
-    model_class = get_model(config["model"])
-    if issubclass(model_class, LLMSequentialRecommender):
-        model_class.check_config(config)  # before the SASRec pretraining, not after it
+    model_class = get_model(config["model"])  # its check_config ran in train_and_evaluate, before any data
     started = time.perf_counter()
     if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
         config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)

@@ -43,6 +43,14 @@ def model_file_of(path):
     return str(path)
 
 
+def first_process_value(value):
+    """In RecBole's distributed mode: the first process's ``value`` (e.g. a checkpoint name, which RecBole derives
+    from each process's own clock), in every process."""
+    values = [value]
+    torch.distributed.broadcast_object_list(values, src=0)
+    return values[0]
+
+
 def random_states():
     """Every random generator's state, as tensors and plain values (weights-only loadable)."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
@@ -80,9 +88,7 @@ class LLMRecTrainer(Trainer):
         self._saving = True
         self._resumed_loader_state = None
         if not config["single_spec"]:  # every process names the files of the first (each has its own clock)
-            names = [self.saved_model_file]
-            torch.distributed.broadcast_object_list(names, src=0)
-            self.saved_model_file = names[0]
+            self.saved_model_file = first_process_value(self.saved_model_file)
 
     def sync_grad_loss(self):
         """RecBole's zero-valued sum over the parameters, so that each one takes part in DDP's reduction, over the
