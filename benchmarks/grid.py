@@ -140,9 +140,9 @@ def config_hash(config, extra=""):
 
 
 def plan(datasets, rows, seeds, quick):
-    """Every run of the grid: the main rows of every seed first, then the ablations, then the generative rows (so that
-    a partial grid already compares iLoRA, UniformLoRA and the baselines over seeds); encoders before the LLM rows
-    that need them."""
+    """Every run of the grid: the main rows of every seed first, then the generative rows, then the ablations (so that
+    a partial grid already compares iLoRA, UniformLoRA and the baselines over seeds under both protocols); encoders
+    before the LLM rows that need them."""
     from recbole_ilora.quick_start import sasrec_pretraining_config
 
     runs = []
@@ -183,7 +183,7 @@ def plan(datasets, rows, seeds, quick):
                 )
 
     def phase(run):
-        return 2 if run["row"] in GENERATIVE_ROWS else 1 if run["row"] in ABLATIONS else 0
+        return 2 if run["row"] in ABLATIONS else 1 if run["row"] in GENERATIVE_ROWS else 0
 
     return sorted(runs, key=lambda run: (phase(run), seeds.index(run["seed"])))  # stable
 
@@ -377,7 +377,7 @@ def report(runs, output, quick):
     for dataset in dict.fromkeys(run["dataset"] for run in runs):
         planned = [run for run in runs if run["dataset"] == dataset]
         done = [json.loads(run_file(output, run).read_text()) for run in planned if run_file(output, run).exists()]
-        rows = list(dict.fromkeys(run["row"] for run in planned))
+        rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
         by_row = {row: [record for record in done if record["row"] == row] for row in rows}
         markdown = render_markdown(dataset, planned, by_row, quick)
         Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
@@ -418,12 +418,12 @@ def protocol_table(by_row, metrics, section, rows):
     }
     best = {metric: max((s[metric][0] for s in stats.values()), default=None) for metric in metrics}
     lines = [
-        "| model | seeds | " + " | ".join(metrics) + " | trainable params | wall min/run |",
-        "|---|---|" + "---|" * len(metrics) + "---|---|",
+        "| model | seeds | " + " | ".join(metrics) + " | trainable params | wall min/run | CPU min/run |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|---|",
     ]
     for row, records in by_row.items():
         if not records:
-            lines.append(f"| {row} | 0 | " + " | ".join("–" for _ in metrics) + " | – | – |")
+            lines.append(f"| {row} | 0 | " + " | ".join("–" for _ in metrics) + " | – | – | – |")
             continue
         cells = []
         for metric in metrics:
@@ -432,7 +432,9 @@ def protocol_table(by_row, metrics, section, rows):
             cells.append(f"**{cell}**" if math.isclose(mean, best[metric], rel_tol=0, abs_tol=1e-12) else cell)
         params = records[0]["trainable_parameters"]
         minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
-        lines.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} |")
+        timed = [r["cpu_seconds"] for r in records if "cpu_seconds" in r]
+        cpu = f"{statistics.fmean(timed) / 60:.1f}" if timed else "–"
+        lines.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -463,6 +465,9 @@ def render_markdown(dataset, planned, by_row, quick):
     commits = sorted({record["commit"] for record in done})
     machines = sorted({record["hardware"] for record in done})
     total = sum(record["wall_seconds"] for record in done)
+    cpu = sum(record["cpu_seconds"] for record in done if "cpu_seconds" in record)
+    untimed = sum("cpu_seconds" not in record for record in done)  # runs recorded before CPU time was kept
+    without = f" ({untimed} run(s) recorded without CPU time)" if untimed else ""
     properties = PROPERTIES / "dataset" / f"{'lastfm' if quick else dataset}.yaml"
     stats = dataset_statistics(dataset, quick)
     seeds = sorted({run["seed"] for run in planned})
@@ -474,8 +479,9 @@ def render_markdown(dataset, planned, by_row, quick):
     out += [
         f"Produced by `{command}` (rows: {', '.join(by_row)}), commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(f'`{c}`' for c in commits) or '–'}, on {'; '.join(machines) or '–'}. "
-        f"Total compute of the finished runs: {total / 3600:.2f} h. Mean ± sample standard deviation over seeds "
-        f"{', '.join(map(str, seeds))}; the best mean per column is in bold. Raw per-run JSON: "
+        f"Total compute of the finished runs: {total / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU{without} (two runs "
+        "share the 2 cores, so a run's wall time includes waiting; its CPU time does not). Mean ± sample standard "
+        f"deviation over seeds {', '.join(map(str, seeds))}; the best mean per column is in bold. Raw per-run JSON: "
         f"`runs/{dataset}/`.",
         "",
         "## Full ranking (test)",
@@ -548,9 +554,10 @@ def render_markdown(dataset, planned, by_row, quick):
         "|---|---|---|---|---|",
     ]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
+        cpu_minutes = f"{record['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in record else "–"
         out.append(
-            f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | "
-            f"{record['cpu_seconds'] / 60 if 'cpu_seconds' in record else float('nan'):.1f} | {record['commit']} |"
+            f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | {cpu_minutes} | "
+            f"{record['commit']} |"
         )
     return "\n".join(out) + "\n"
 

@@ -116,3 +116,13 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 of 3 runs finished; 0 to go" in second.stdout
     assert {path: os.stat(path).st_mtime_ns for path in runs.glob("*.json")} == stamps  # nothing ran again
+
+
+def test_grid_plans_main_rows_then_generative_rows_then_ablations(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--status"]
+    status = subprocess.run(command + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-3000:]
+    rows = [line.split()[-1].split("-seed")[0] for line in status.stdout.splitlines() if line.startswith("pending")]
+    assert rows == [
+        "Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-generative", "iLoRA-gate-uniform"
+    ]  # fmt: skip
