@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from recbole.sampler import Sampler
 
+from recbole_ilora.trainer import claim_checkpoint_file
+
 
 def normalize_title(text):
     """Lower case, one space between words, no surrounding space."""
@@ -131,7 +133,8 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
     test_data = protocol_test_data(config, "full")  # one row per test user
     init_seed(config["seed"], config["reproducibility"])
     if output_file is None:
-        output_file = os.path.join(config["checkpoint_dir"], f"{config['model']}-generations-{get_local_time()}.jsonl")
+        name = f"{config['model']}-generations-{get_local_time()}.jsonl"
+        output_file = claim_checkpoint_file(os.path.join(config["checkpoint_dir"], name))  # never another run's
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     dataset = test_data._dataset
     model.eval()

@@ -13,6 +13,7 @@ and, for sampled modes, the same candidates (RecBole's repeatable sampler, which
 with ``seed`` before each mode).
 """
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,7 +33,13 @@ from recbole.utils import InputType, ModelType, get_environment, init_logger, in
 from recbole_ilora._compat import safe_load
 from recbole_ilora.config import Config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-from recbole_ilora.trainer import first_process_value, model_file_of, training_state_file
+from recbole_ilora.trainer import (
+    claim_checkpoint_file,
+    first_process_value,
+    model_file_of,
+    release_unused_file,
+    training_state_file,
+)
 from recbole_ilora.utils import get_model, get_trainer
 
 
@@ -54,6 +61,24 @@ def sasrec_pretraining_config(config):
     return sasrec_config
 
 
+@contextlib.contextmanager
+def own_checkpoint_file(config, trainer, saved=True):
+    """Within: ``trainer.saved_model_file`` is a name no other run holds (:func:`claim_checkpoint_file`; in a
+    distributed run the first process claims it for all). On the way out, the claimed file is removed if nothing was
+    saved to it (a run that failed early, or one resumed into its earlier files)."""
+    if not saved:
+        yield
+        return
+    claims = config["single_spec"] or torch.distributed.get_rank() == 0
+    claimed = claim_checkpoint_file(trainer.saved_model_file) if claims else None
+    trainer.saved_model_file = claimed if config["single_spec"] else first_process_value(claimed)
+    try:
+        yield
+    finally:
+        if claims:
+            release_unused_file(claimed)
+
+
 def pretrain_sasrec(config, show_progress=False):
     """Train RecBole's SASRec on the configured dataset and split with the ``sasrec_*`` keys; returns the best
     checkpoint's path. The dataset is created anew (RecBole's ``data_preparation`` consumes a dataset)."""
@@ -64,10 +89,10 @@ def pretrain_sasrec(config, show_progress=False):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model("SASRec")(sasrec_config, train_data._dataset).to(config["device"])
     trainer = get_trainer(sasrec_config["MODEL_TYPE"], "SASRec")(sasrec_config, model)
-    best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
-    if not config["single_spec"]:  # distributed: the first process wrote the checkpoint, under its own name
+    with own_checkpoint_file(config, trainer):
+        best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
+    if not config["single_spec"]:  # distributed: the first process wrote the checkpoint that every process loads
         torch.distributed.barrier()
-        trainer.saved_model_file = first_process_value(trainer.saved_model_file)
     logger.info(
         set_color("SASRec encoder", "green") + f": best valid {config['valid_metric']} = {best_score:.4f}, "
         f"saved to {trainer.saved_model_file}"
@@ -205,22 +230,23 @@ def train_and_evaluate(config, saved=True, verbose=True):
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    if config["resume_checkpoint"]:
-        trainer.resume_checkpoint(config["resume_checkpoint"])
-    started = time.perf_counter()
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
-    )
-    timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
-    started = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-    test_results = evaluate_test_modes(config, trainer, show_progress)
-    generative_result = None
-    if getattr(model, "generative", False):
-        from recbole_ilora.generative import evaluate_generation
+    with own_checkpoint_file(config, trainer, saved):
+        if config["resume_checkpoint"]:
+            trainer.resume_checkpoint(config["resume_checkpoint"])
+        started = time.perf_counter()
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
+        )
+        timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
+        started = time.perf_counter()
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+        test_results = evaluate_test_modes(config, trainer, show_progress)
+        generative_result = None
+        if getattr(model, "generative", False):
+            from recbole_ilora.generative import evaluate_generation
 
-        generative_result = evaluate_generation(config, model, show_progress=show_progress)
-    timings["testing"] = time.perf_counter() - started
+            generative_result = evaluate_generation(config, model, show_progress=show_progress)
+        timings["testing"] = time.perf_counter() - started
     logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())

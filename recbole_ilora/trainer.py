@@ -43,6 +43,34 @@ def model_file_of(path):
     return str(path)
 
 
+def claim_checkpoint_file(path):
+    """``path``, or else the first free ``<stem>-2<ext>``, ``<stem>-3<ext>``, ..., created empty and exclusively.
+
+    RecBole names a checkpoint ``<model>-<local time to the second>.pth``, so two runs of one model started in the
+    same second with one ``checkpoint_dir`` (two datasets benchmarked side by side, say) would save, reload and test
+    one file. Creating the name with ``O_EXCL`` when the trainer is built gives each run its own file; the first
+    save replaces the empty one. A name whose training-state companion exists is taken too."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, extension = os.path.splitext(str(path))
+    number = 1
+    while True:
+        candidate = str(path) if number == 1 else f"{root}-{number}{extension}"
+        number += 1
+        if os.path.exists(training_state_file(candidate)):
+            continue
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def release_unused_file(path):
+    """Remove a file claimed by :func:`claim_checkpoint_file` that no save has written (still empty)."""
+    if path and os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.remove(path)
+
+
 def first_process_value(value):
     """In RecBole's distributed mode: the first process's ``value`` (e.g. a checkpoint name, which RecBole derives
     from each process's own clock), in every process."""
@@ -176,7 +204,7 @@ class LLMRecTrainer(Trainer):
                 f"{state_file} was trained on dataset {state.get('dataset')!r}, not {self.config['dataset']!r}: "
                 "cannot resume."
             )
-        if os.path.exists(model_file):
+        if os.path.exists(model_file) and os.path.getsize(model_file) > 0:  # empty: claimed, never saved to
             best_epoch = safe_load(model_file, "resume_checkpoint")["epoch"]
             if not (state["best_epoch"] or 0) <= best_epoch <= state["epoch"]:
                 raise ValueError(

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import recbole.trainer.trainer as recbole_trainer
 import torch
 import transformers
 from conftest import REPO_ROOT, TINY, tiny_config
@@ -17,6 +18,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole_ilora._compat import atomic_torch_save, safe_load
 from recbole_ilora.model import iLoRA
 from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.trainer import claim_checkpoint_file, release_unused_file
 
 # A run in a subprocess (config as JSON in argv[1], result JSON to argv[2]); with argv[3] = "E", the process
 # SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written.
@@ -100,6 +102,57 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(sasrec_checkpoint, l
     for key in ("best_valid_result", "test_result", "test_results"):
         assert result[key] == expected[key], key  # exactly: full ranking and uni19
     assert safe_load(state_file)["epoch"] == 2
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes(sasrec_checkpoint, llm_cache, tmp_path):
+    config = {**TINY, "model": "iLoRA", "epochs": 1, "checkpoint_dir": "saved-early"}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    process, _ = run_in_subprocess(config, tmp_path, "early", kill_epoch=0)
+    assert process.returncode == -signal.SIGKILL
+    (state_file,) = (tmp_path / "saved-early").glob("iLoRA-*.training_state.pth")
+    (model_file,) = [path for path in (tmp_path / "saved-early").glob("iLoRA-*.pth") if path != state_file]
+    assert model_file.stat().st_size == 0  # the run's claimed name, never saved to
+    assert safe_load(state_file)["epoch"] == 0 and safe_load(state_file)["best_epoch"] is None
+
+    process, result = run_in_subprocess({**config, "resume_checkpoint": str(model_file)}, tmp_path, "resumed")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert result["saved_model_file"] == str(model_file) and safe_load(model_file)["epoch"] == 0
+    assert sorted(path.name for path in (tmp_path / "saved-early").iterdir()) == sorted(
+        [model_file.name, state_file.name]
+    )  # the resumed run's own claimed name was given back
+
+
+def test_checkpoint_names_are_claimed_once(tmp_path):
+    path = tmp_path / "saved" / "iLoRA-Nov-23-2026_21-49-29.pth"
+    assert claim_checkpoint_file(path) == str(path) and path.stat().st_size == 0
+    (tmp_path / "saved" / "iLoRA-Nov-23-2026_21-49-29-2.training_state.pth").write_bytes(b"a killed run's state")
+    third = tmp_path / "saved" / "iLoRA-Nov-23-2026_21-49-29-3.pth"
+    assert claim_checkpoint_file(path) == str(third)
+    third.write_bytes(b"saved")
+    release_unused_file(str(path))
+    release_unused_file(str(third))
+    assert not path.exists() and third.read_bytes() == b"saved"
+
+
+def test_runs_started_in_the_same_second_keep_their_own_checkpoints(monkeypatch):
+    # RecBole names checkpoints by the local time to the second: two runs (or two datasets of a benchmark side by
+    # side) starting in one second shared one file, and the second run's test could reload the first's weights.
+    monkeypatch.setattr(recbole_trainer, "get_local_time", lambda: "Nov-23-2026_21-49-29")
+    config = {**TINY, "model": "SASRec", "epochs": 2}
+    first = objective_function(config_dict=config)["saved_model_file"]
+    first_bytes = open(first, "rb").read()
+    second = objective_function(config_dict={**config, "seed": 7})["saved_model_file"]
+    assert os.path.basename(first) == "SASRec-Nov-23-2026_21-49-29.pth"
+    assert os.path.basename(second) == "SASRec-Nov-23-2026_21-49-29-2.pth"
+    assert open(first, "rb").read() == first_bytes and safe_load(second)["config"]["seed"] == 7
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(recbole_trainer.Trainer, "fit", failing_fit)
+    with pytest.raises(RuntimeError, match="training failed"):
+        objective_function(config_dict={**config, "seed": 8})
+    assert sorted(os.listdir(os.path.dirname(first))) == sorted(map(os.path.basename, (first, second)))
 
 
 KILLED_SAVE = textwrap.dedent(
