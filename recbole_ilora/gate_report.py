@@ -20,9 +20,10 @@ from recbole_ilora.quick_start import load_data_and_model
 
 
 def gate_records(model, eval_data):
-    """One record per user of ``eval_data`` (a full-sort loader): user id, expert weights, entropy, top expert."""
+    """One record per user of ``eval_data``: user id, expert weights, entropy, top expert. A sampled loader (uni19,
+    a generative model's) repeats each user once per candidate; the user's first row counts (all have its history)."""
     dataset = eval_data._dataset
-    records = []
+    records, seen = [], set()
     with torch.no_grad():
         for interaction, *_ in eval_data:
             interaction = interaction.to(model.device)
@@ -30,6 +31,9 @@ def gate_records(model, eval_data):
             entropy = -(weights * weights.clamp_min(1e-12).log()).sum(1)  # [B]
             users = dataset.id2token(dataset.uid_field, interaction[dataset.uid_field].cpu())
             for user, row, row_entropy in zip(users, weights.tolist(), entropy.tolist(), strict=True):
+                if user in seen:
+                    continue
+                seen.add(user)
                 records.append(
                     {
                         "user_id": str(user),

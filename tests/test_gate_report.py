@@ -3,11 +3,12 @@
 import math
 import os
 
+import pytest
 import torch
 from conftest import TINY
 
 from recbole_ilora.gate_report import gate_records, summarize
-from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.quick_start import load_data_and_model, objective_function, protocol_test_data
 
 
 def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cache):
@@ -31,6 +32,12 @@ def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cach
         assert len(record["weights"]) == TINY["lora_num_experts"]
         assert math.isclose(sum(record["weights"]), 1.0, rel_tol=1e-5)
         assert 0.0 <= record["entropy"] <= math.log(TINY["lora_num_experts"]) + 1e-6
+    # A sampled loader (uni19, as a generative model is tested) repeats each user per candidate: still one record each.
+    sampled_records = gate_records(model, protocol_test_data(loaded_config, "uni19"))
+    sampled = {r["user_id"]: r for r in sampled_records}
+    assert len(sampled_records) == len(records) and sorted(sampled) == sorted(r["user_id"] for r in records)
+    for record in records:
+        assert sampled[record["user_id"]]["weights"] == pytest.approx(record["weights"], abs=1e-6)
     summary = summarize(records)
     assert sum(summary["users_led_by_expert"]) == len(records)
     assert summary["max_entropy"] == math.log(TINY["lora_num_experts"])
