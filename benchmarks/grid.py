@@ -25,6 +25,7 @@ iLoRA's gate routes users, next to the prompt-mean and uniform gates) are writte
 """
 
 import argparse
+import collections
 import datetime
 import functools
 import gzip
@@ -379,7 +380,7 @@ def report(runs, output, quick):
         done = [json.loads(run_file(output, run).read_text()) for run in planned if run_file(output, run).exists()]
         rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
         by_row = {row: [record for record in done if record["row"] == row] for row in rows}
-        markdown = render_markdown(dataset, planned, by_row, quick)
+        markdown = render_markdown(dataset, planned, by_row, quick, output)
         Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
         if dataset == "ml-100k" and Path(output).resolve() == (REPO / "results").resolve():
             update_readme(markdown, len(done), len(planned))
@@ -460,7 +461,51 @@ def gate_table(by_row):
     return "\n".join(lines)
 
 
-def render_markdown(dataset, planned, by_row, quick):
+def answer_statistics(path):
+    """What a generative run answered (its ``.generations.jsonl.gz``): how many distinct answers, how often the most
+    frequent one, and how many answers name no candidate or several. A model that has not learnt to copy a title
+    from its prompt answers most users alike, whatever their candidates."""
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        verdicts = [json.loads(line) for line in file if line.strip()]
+    if not verdicts:
+        return None
+    answers = collections.Counter(verdict["output"].strip() for verdict in verdicts)
+    top, count = answers.most_common(1)[0]
+    users = len(verdicts)
+    return {
+        "users": users,
+        "distinct_answers": len(answers),
+        "top_answer": top,
+        "top_answer_share": count / users,
+        "naming_no_candidate": sum(not verdict["named"] for verdict in verdicts) / users,
+        "naming_several": sum(len(verdict["named"]) > 1 for verdict in verdicts) / users,
+    }
+
+
+def answers_table(by_row, output):
+    lines = [
+        "| model | seed | test users | distinct answers | most frequent answer | its share of users | "
+        "answers naming no candidate | naming 2 or more |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in GENERATIVE_ROWS:
+        for record in sorted(by_row.get(row, []), key=lambda r: r["seed"]):
+            path = run_file(output, record).with_suffix(".generations.jsonl.gz")
+            stats = answer_statistics(path) if path.exists() else None
+            if stats is None:
+                continue
+            top = stats["top_answer"] if len(stats["top_answer"]) <= 40 else stats["top_answer"][:39] + "…"
+            top = top.replace("|", "\\|").replace("`", "'")
+            shares = (stats["top_answer_share"], stats["naming_no_candidate"], stats["naming_several"])
+            lines.append(
+                f"| {row} | {record['seed']} | {stats['users']:,} | {stats['distinct_answers']:,} | `{top}` | "
+                + " | ".join(f"{share:.3f}" for share in shares)
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def render_markdown(dataset, planned, by_row, quick, output):
     done = [record for records in by_row.values() for record in records]
     commits = sorted({record["commit"] for record in done})
     machines = sorted({record["hardware"] for record in done})
@@ -513,6 +558,10 @@ def render_markdown(dataset, planned, by_row, quick):
         "`runs/<run>.generations.jsonl.gz`.",
         "",
         protocol_table(by_row, GENERATIVE_METRICS, lambda r: r["generative"], GENERATIVE_ROWS),
+        "",
+        "What the models answered (from the same files; answers compared after stripping spaces at both ends):",
+        "",
+        answers_table(by_row, output) or "No generative run has finished.",
         "",
         "## Does the gate differentiate users?",
         "",

@@ -1,6 +1,7 @@
 """The benchmark's protocol and its grid: one test loader layout for every model, seeded uni19 candidates shared by
 all models, and a tiny resumable grid run checking the files it writes."""
 
+import gzip
 import json
 import math
 import os
@@ -126,3 +127,33 @@ def test_grid_plans_main_rows_then_generative_rows_then_ablations(tmp_path):
     assert rows == [
         "Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-generative", "iLoRA-gate-uniform"
     ]  # fmt: skip
+
+
+def test_answer_statistics_count_distinct_answers_and_collapsed_outputs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    verdicts = [
+        {"output": "Star Wars", "named": []},
+        {"output": " Star Wars ", "named": []},
+        {"output": "Heat", "named": ["Heat"]},
+        {"output": "Heat and Ghost", "named": ["Heat", "Ghost"]},
+    ]
+    path = tmp_path / "run.generations.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as file:
+        file.writelines(json.dumps(verdict) + "\n" for verdict in verdicts)
+    stats = grid.answer_statistics(path)
+    assert stats == {
+        "users": 4,
+        "distinct_answers": 3,
+        "top_answer": "Star Wars",
+        "top_answer_share": 0.5,
+        "naming_no_candidate": 0.5,
+        "naming_several": 0.25,
+    }
+    record = {"row": "iLoRA-generative", "seed": 2020, "dataset": "d", "run_id": "iLoRA-generative-seed2020-x"}
+    runs = tmp_path / "runs" / "d"
+    runs.mkdir(parents=True)
+    path.rename(runs / "iLoRA-generative-seed2020-x.generations.jsonl.gz")
+    table = grid.answers_table({"iLoRA-generative": [record]}, tmp_path)
+    assert "| iLoRA-generative | 2020 | 4 | 3 | `Star Wars` | 0.500 | 0.500 | 0.250 |" in table.splitlines()
