@@ -320,7 +320,20 @@ def worker(spec_path):
                 shutil.copyfileobj(source, target)
     if spec["kind"] == "llm" and config["gate_input"] != "none":
         record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
+    keep_superseded(Path(spec["output"]))
     write_json_atomically(spec["output"], record)
+
+
+def superseded_name(path, record):
+    stamp = record["finished"].replace(":", "").replace("+0000", "Z")
+    return Path(path).with_name(f"{Path(path).stem}.superseded-{stamp}.json")
+
+
+def keep_superseded(path):
+    """A run is redone only when its record is missing or, for an encoder, its checkpoint is gone; the LLM rows
+    trained with that checkpoint still point to it, so the old record is kept next to the new one."""
+    if path.exists():
+        shutil.copy2(path, superseded_name(path, json.loads(path.read_text())))
 
 
 def export_gates(checkpoint, path):
@@ -608,7 +621,49 @@ def render_markdown(dataset, planned, by_row, quick, output):
             f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | {cpu_minutes} | "
             f"{record['commit']} |"
         )
+    retrained = encoder_notes(planned, done, output)
+    if retrained:
+        out += [
+            "",
+            "## Encoders trained again",
+            "",
+            "These LLM runs were trained with an earlier run of their seed's `SASRec-encoder` (same configuration), "
+            "whose checkpoint was lost with the machine's work folder; the encoder was then trained again for later "
+            "rows, and the table's `SASRec-encoder` row is the new run. The earlier run's record is kept as "
+            "`runs/<run>.superseded-<time>.json`. The same seed reproduces a run exactly on the same machine (tested, "
+            "and checked on an ml-100k encoder); on another CPU the floating-point sums differ and so, slightly, "
+            "do the metrics.",
+            "",
+            "| LLM run | its encoder's record | that encoder: full NDCG@10, uni19 Hit@1 | "
+            "current encoder: full NDCG@10, uni19 Hit@1 |",
+            "|---|---|---|---|",
+            *retrained,
+        ]
     return "\n".join(out) + "\n"
+
+
+def encoder_notes(planned, done, output):
+    """One table line per LLM run whose encoder checkpoint is not the one of its encoder's current record."""
+    records = {record["run_id"]: record for record in done}
+    lines = []
+
+    def figures(record):
+        machine = record.get("hardware", "machine not recorded").split(",")[0]
+        return f"{record['test']['full']['ndcg@10']:.4f}, {record['test']['uni19']['hit@1']:.4f} ({machine})"
+
+    for run in planned:
+        record, encoder = records.get(run["run_id"]), records.get(run["encoder"])
+        if not record or not encoder or record.get("sasrec_checkpoint") in (None, encoder["saved_model_file"]):
+            continue
+        earlier = [
+            json.loads(path.read_text())
+            for path in sorted(run_file(output, encoder).parent.glob(f"{encoder['run_id']}.superseded-*.json"))
+        ]
+        used = next((old for old in earlier if old["saved_model_file"] == record["sasrec_checkpoint"]), None)
+        name = f"`{superseded_name(run_file(output, encoder), used).name}`" if used else "not kept"
+        out = figures(used) if used else "–"
+        lines.append(f"| {record['run_id']} | {name} | {out} | {figures(encoder)} |")
+    return lines
 
 
 def plot_rows(dataset, by_row, path):

@@ -157,3 +157,38 @@ def test_answer_statistics_count_distinct_answers_and_collapsed_outputs(tmp_path
     path.rename(runs / "iLoRA-generative-seed2020-x.generations.jsonl.gz")
     table = grid.answers_table({"iLoRA-generative": [record]}, tmp_path)
     assert "| iLoRA-generative | 2020 | 4 | 3 | `Star Wars` | 0.500 | 0.500 | 0.250 |" in table.splitlines()
+
+
+def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def record(run_id, ndcg, finished="2026-11-23T22:58:26+00:00", **extra):
+        test = {"full": {"ndcg@10": ndcg}, "uni19": {"hit@1": 0.4}}
+        return {"run_id": run_id, "dataset": "d", "finished": finished, "test": test, **extra}
+
+    path = tmp_path / "runs" / "d" / "SASRec-encoder-seed1-e.json"
+    path.parent.mkdir(parents=True)
+    first = record("SASRec-encoder-seed1-e", 0.05, saved_model_file="/saved/old.pth")
+    path.write_text(json.dumps(first))
+    grid.keep_superseded(path)  # the worker, before writing the retrained encoder's record
+    kept = path.with_name("SASRec-encoder-seed1-e.superseded-2026-11-23T225826Z.json")
+    assert json.loads(kept.read_text()) == first
+    second = record("SASRec-encoder-seed1-e", 0.06, "2026-11-29T20:00:00+00:00", saved_model_file="/new.pth")
+    second["hardware"] = "2 x CPU, no GPU"
+    path.write_text(json.dumps(second))
+
+    planned = [
+        {"run_id": "SASRec-encoder-seed1-e", "encoder": None},
+        {"run_id": "iLoRA-seed1-a", "encoder": "SASRec-encoder-seed1-e"},  # trained before the retraining
+        {"run_id": "iLoRA-generative-seed1-b", "encoder": "SASRec-encoder-seed1-e"},  # after it
+    ]
+    done = [
+        second,
+        record("iLoRA-seed1-a", 0.07, sasrec_checkpoint="/saved/old.pth"),
+        record("iLoRA-generative-seed1-b", 0.01, sasrec_checkpoint="/new.pth"),
+    ]
+    lines = grid.encoder_notes(planned, done, tmp_path)
+    assert lines == [
+        f"| iLoRA-seed1-a | `{kept.name}` | 0.0500, 0.4000 (machine not recorded) | 0.0600, 0.4000 (2 x CPU) |"
+    ]
