@@ -1,7 +1,7 @@
 """RecBole 1.2.1 on today's stack: every shim in one place, each with the reason and a test (tests/test_compat.py).
 
 RecBole 1.2.1 was released for numpy 1, pandas 1/2 and torch < 2.6. On the stack pinned in setup.cfg it breaks
-in five known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
+in six known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
 by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
 
 1. numpy 2 removed ``np.float_``, ``np.complex_`` and ``np.unicode_``; ``Config.compatibility_settings`` reads
@@ -26,6 +26,10 @@ by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
    module rejects ("device_ids ... only work with ... GPU modules"). Shim: the ``DistributedDataParallel`` name in
    ``recbole.trainer.trainer`` becomes :func:`distributed_data_parallel`, which passes no ``device_ids`` for a CPU
    module and is otherwise torch's class.
+6. RecBole's ``ensure_dir`` checks whether a folder exists and then creates it, so the processes of one distributed
+   run race for the checkpoint folder (each process's trainer and ``data_preparation`` create it): the loser dies
+   with ``FileExistsError``. Seen in this suite's 2-process test. Shim: the ``ensure_dir`` name in every RecBole
+   module that imported it becomes :func:`ensure_dir`, ``os.makedirs(path, exist_ok=True)``.
 
 Also: ``recbole.quick_start`` imports ray 2.6.3, which fails on this stack (``pkg_resources``); this package never
 imports it (``recbole_ilora.quick_start`` follows RecBole's steps with RecBole's parts).
@@ -158,6 +162,40 @@ def _patch_distributed_data_parallel():
     recbole_trainer.DistributedDataParallel = distributed_data_parallel
 
 
+def ensure_dir(dir_path):
+    """Shim 6: RecBole's ``ensure_dir`` without its check-then-create race between processes."""
+    import os
+
+    os.makedirs(dir_path, exist_ok=True)
+
+
+ENSURE_DIR_MODULES = (
+    "recbole.utils.utils",
+    "recbole.utils",
+    "recbole.utils.logger",
+    "recbole.trainer.trainer",
+    "recbole.data.utils",
+    "recbole.data.dataset.dataset",
+)
+
+
+RECBOLE_ENSURE_DIR = None  # RecBole's own function, kept for the test of the shim
+
+
+def _patch_ensure_dir():
+    import importlib
+
+    from recbole.utils import utils as recbole_utils
+
+    global RECBOLE_ENSURE_DIR
+    if recbole_utils.ensure_dir is not ensure_dir:
+        RECBOLE_ENSURE_DIR = recbole_utils.ensure_dir
+    for name in ENSURE_DIR_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "ensure_dir"):
+            module.ensure_dir = ensure_dir
+
+
 def import_sequential_models_without_anomaly_mode():
     """Shim 3: import RecBole's sequential models (sine.py included) and undo sine.py's global anomaly mode."""
     import torch
@@ -192,4 +230,5 @@ def apply():
     import_sequential_models_without_anomaly_mode()
     _patch_checkpoint_saving()
     _patch_distributed_data_parallel()
+    _patch_ensure_dir()
     _APPLIED = True

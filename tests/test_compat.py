@@ -95,3 +95,22 @@ def test_recbole_quick_start_and_its_ray_import_are_never_loaded():
         "print('recbole.quick_start' in sys.modules or 'ray' in sys.modules)"
     )
     assert _python(code) == "False"
+
+
+def test_ensure_dir_tolerates_a_folder_another_process_created_after_the_check(tmp_path, monkeypatch):
+    from recbole.data import utils as data_utils
+    from recbole.trainer import trainer as recbole_trainer
+    from recbole.utils import logger as recbole_logger
+
+    _compat.apply()
+    folder = tmp_path / "saved"
+    folder.mkdir()  # the other process of a distributed run created it ...
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # ... after this one checked
+    with pytest.raises(FileExistsError):
+        _compat.RECBOLE_ENSURE_DIR(str(folder))  # RecBole's own check-then-create
+    for module in (recbole_trainer, data_utils, recbole_logger):
+        assert module.ensure_dir is _compat.ensure_dir
+    recbole_trainer.ensure_dir(str(folder))
+    data_utils.ensure_dir(str(tmp_path / "new" / "nested"))
+    monkeypatch.undo()
+    assert folder.is_dir() and (tmp_path / "new" / "nested").is_dir()
