@@ -10,6 +10,8 @@ Every run is a subprocess (``--worker``) that trains and tests one row on one da
 ``<output>/runs/<dataset>/<row>-seed<seed>-<hash>.json`` atomically when it has finished; ``<hash>`` digests the
 run's resolved RecBole configuration, so a finished run is skipped and a changed setting is run anew. Killing the
 grid loses at most the run in progress. Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
+Several grid processes may share ``--output`` and ``--work`` (one per core): runs are locked while they run, so the
+processes split the pending runs between them.
 
 Rows: RecBole's Pop, GRU4Rec, Caser, SASRec and BERT4Rec (RecBole's defaults, the training budget of
 ``properties/benchmark/baselines.yaml``); ``SASRec-encoder``, the SASRec that iLoRA's shipped defaults pretrain
@@ -26,7 +28,9 @@ iLoRA's gate routes users, next to the prompt-mean and uniform gates) are writte
 
 import argparse
 import collections
+import contextlib
 import datetime
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -236,43 +240,74 @@ def write_json_atomically(path, payload):
 
 
 def execute(runs, output, work, after_each=None):
-    """Run every unfinished run in order as a subprocess (``after_each()`` after each); returns the failed ids."""
+    """Run every unfinished run in order as a subprocess (``after_each()`` after each); returns the failed ids.
+
+    Several grid processes may share one ``--output`` and ``--work``: each run is locked (``flock`` on
+    ``<work>/logs/<run>.lock``, released by the kernel if its process dies) while it runs, so a second process skips
+    a run that another is running or has finished since it planned, and an LLM row waits for an encoder that another
+    process is training."""
     work = Path(work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     failed = []
     pending = [run for run in runs if not finished(output, run)]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; {len(pending)} to go", flush=True)
     for number, run in enumerate(pending, 1):
-        spec = {**run, "output": str(run_file(output, run))}
-        if run["encoder"]:
-            encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
-            if run["encoder"] in failed or not finished(output, encoder_run):
-                print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, its encoder is missing", flush=True)
-                failed.append(run["run_id"])
+        with run_lock(work, run["run_id"], wait=False) as locked:
+            if not locked:
+                print(f"[{number}/{len(pending)}] {run['run_id']}: another grid process is running it", flush=True)
                 continue
-            spec["encoder_file"] = str(run_file(output, encoder_run))
-        spec_path = work / "logs" / f"{run['run_id']}.spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        log_path = work / "logs" / f"{run['run_id']}.log"
-        print(f"[{number}/{len(pending)}] {run['run_id']} ... ", end="", flush=True)
-        started = time.time()
-        with open(log_path, "w", encoding="utf-8") as log:
-            code = subprocess.call(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                cwd=work,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        elapsed = time.time() - started
-        if code == 0 and run_file(output, run).exists():
-            print(f"done in {elapsed / 60:.1f} min", flush=True)
-        else:
-            failed.append(run["run_id"])
-            print(f"FAILED (exit {code}) after {elapsed / 60:.1f} min; log: {log_path}", flush=True)
-            print("".join(open(log_path, encoding="utf-8").readlines()[-15:]), flush=True)
+            if finished(output, run):
+                print(f"[{number}/{len(pending)}] {run['run_id']}: finished by another grid process", flush=True)
+                continue
+            spec = {**run, "output": str(run_file(output, run))}
+            if run["encoder"]:
+                encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
+                if run["encoder"] not in failed and not finished(output, encoder_run):
+                    with run_lock(work, run["encoder"], wait=True):  # another process may be training it
+                        pass
+                if run["encoder"] in failed or not finished(output, encoder_run):
+                    print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, its encoder is missing", flush=True)
+                    failed.append(run["run_id"])
+                    continue
+                spec["encoder_file"] = str(run_file(output, encoder_run))
+            spec_path = work / "logs" / f"{run['run_id']}.spec.json"
+            spec_path.write_text(json.dumps(spec, indent=1))
+            log_path = work / "logs" / f"{run['run_id']}.log"
+            print(f"[{number}/{len(pending)}] {run['run_id']} ... ", end="", flush=True)
+            started = time.time()
+            with open(log_path, "w", encoding="utf-8") as log:
+                code = subprocess.call(
+                    [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                    cwd=work,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            elapsed = time.time() - started
+            if code == 0 and run_file(output, run).exists():
+                print(f"done in {elapsed / 60:.1f} min", flush=True)
+            else:
+                failed.append(run["run_id"])
+                print(f"FAILED (exit {code}) after {elapsed / 60:.1f} min; log: {log_path}", flush=True)
+                print("".join(open(log_path, encoding="utf-8").readlines()[-15:]), flush=True)
         if after_each:
             after_each()
     return failed
+
+
+@contextlib.contextmanager
+def run_lock(work, run_id, wait):
+    """Yield whether this process holds ``<work>/logs/<run_id>.lock`` (``wait``: block until it does)."""
+    (Path(work) / "logs").mkdir(parents=True, exist_ok=True)
+    with open(Path(work) / "logs" / f"{run_id}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def worker(spec_path):
@@ -738,8 +773,13 @@ def main():
         for run in report_runs:
             print(f"{'done   ' if finished(output, run) else 'pending'} {run['dataset']:<12} {run['run_id']}")
         return 0
-    failed = [] if args.report_only else execute(runs, output, work, lambda: report(report_runs, output, args.quick))
-    report(report_runs, output, args.quick)
+
+    def write_reports():
+        with run_lock(work, "reports", wait=True):  # one grid process at a time rewrites the shared reports
+            report(report_runs, output, args.quick)
+
+    failed = [] if args.report_only else execute(runs, output, work, write_reports)
+    write_reports()
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", flush=True)
         return 1

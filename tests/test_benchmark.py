@@ -192,3 +192,53 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     assert lines == [
         f"| iLoRA-seed1-a | `{kept.name}` | 0.0500, 0.4000 (machine not recorded) | 0.0600, 0.4000 (2 x CPU) |"
     ]
+
+
+def test_grid_processes_sharing_a_folder_skip_each_others_runs_and_wait_for_an_encoder(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import threading
+
+    import grid
+
+    def run(run_id, encoder=None):
+        kind = "llm" if encoder else "baseline"
+        return {"run_id": run_id, "dataset": "d", "kind": kind, "encoder": encoder}
+
+    encoder = {**run("enc"), "kind": "encoder"}
+    runs = [run("held"), run("a"), run("b"), run("c"), encoder, run("llm", encoder="enc")]
+    output, work = tmp_path / "results", tmp_path / "work"
+    ran = []
+
+    def fake_worker(command, **kwargs):  # the worker subprocess: record the run as finished
+        spec = json.loads(open(command[-1]).read())
+        ran.append(spec["run_id"])
+        if spec["run_id"] == "a":  # meanwhile another process finishes "b"
+            grid.write_json_atomically(grid.run_file(output, run("b")), {"run_id": "b"})
+        if spec["run_id"] == "llm":
+            assert spec["encoder_file"] == str(grid.run_file(output, encoder))
+        grid.write_json_atomically(spec["output"], {"run_id": spec["run_id"]})
+        return 0
+
+    monkeypatch.setattr(grid.subprocess, "call", fake_worker)
+
+    def other_process_trains_the_encoder(started):
+        with grid.run_lock(work, "enc", wait=True):
+            started.set()
+            while "c" not in ran:  # still training while this process reaches the LLM row
+                threading.Event().wait(0.01)
+            (tmp_path / "enc.pth").write_bytes(b"weights")
+            grid.write_json_atomically(grid.run_file(output, encoder), {"saved_model_file": str(tmp_path / "enc.pth")})
+
+    started = threading.Event()
+    other = threading.Thread(target=other_process_trains_the_encoder, args=(started,))
+    with grid.run_lock(work, "held", wait=False) as held:  # another process is running "held"
+        assert held
+        other.start()
+        started.wait()
+        failed = grid.execute(runs, output, work)
+    other.join()
+    assert failed == []
+    assert ran == ["a", "c", "llm"]  # not "held" (locked), "b" (finished meanwhile) nor "enc" (locked)
+    assert not grid.run_file(output, run("held")).exists()
+    with grid.run_lock(work, "held", wait=False) as free:  # every lock was given back
+        assert free
