@@ -216,12 +216,34 @@ def run_file(output, run):
 
 
 def finished(output, run):
-    """A run is done when its JSON exists (an encoder also needs its checkpoint, which LLM rows load)."""
+    """A run is done when its JSON exists (an encoder also needs its checkpoint, which LLM rows load) and, for an LLM
+    row, its encoder was not trained again into a different model since (``trained_with_another_encoder``)."""
     path = run_file(output, run)
     if not path.exists():
         return False
     if run["kind"] == "encoder":
         return Path(json.loads(path.read_text())["saved_model_file"]).exists()
+    return not trained_with_another_encoder(output, run)
+
+
+def trained_with_another_encoder(output, run, record=None):
+    """Whether an LLM row's record used an encoder checkpoint other than its encoder's current one that is not the same
+    model: the earlier encoder run's record (kept as superseded) is missing or its valid or test metrics differ. A
+    retrained encoder that reproduced its run exactly (same machine, same seed) leaves the LLM rows valid; one that
+    came out different (another CPU's float sums) makes them stale, so every LLM row of a seed shares one encoder."""
+    if not run.get("encoder"):
+        return False
+    encoder_path = Path(output) / "runs" / run["dataset"] / f"{run['encoder']}.json"
+    if not encoder_path.exists():
+        return False
+    used = (record or json.loads(run_file(output, run).read_text())).get("sasrec_checkpoint")
+    encoder = json.loads(encoder_path.read_text())
+    if used in (None, encoder["saved_model_file"]):
+        return False
+    for path in encoder_path.parent.glob(f"{run['encoder']}.superseded-*.json"):
+        earlier = json.loads(path.read_text())
+        if earlier["saved_model_file"] == used:
+            return (earlier.get("valid"), earlier["test"]) != (encoder.get("valid"), encoder["test"])
     return True
 
 
@@ -667,18 +689,21 @@ def render_markdown(dataset, planned, by_row, quick, output):
             "rows, and the table's `SASRec-encoder` row is the new run. The earlier run's record is kept as "
             "`runs/<run>.superseded-<time>.json`. The same seed reproduces a run exactly on the same machine (tested, "
             "and checked on an ml-100k encoder); on another CPU the floating-point sums differ and so, slightly, "
-            "do the metrics.",
+            "do the metrics. Where the two encoder runs' valid and test metrics are identical, the LLM run is kept; "
+            "otherwise the grid trains it again with the current encoder (so that every LLM row of a seed shares one "
+            "encoder), keeps this record as superseded, and the tables show this record until then.",
             "",
             "| LLM run | its encoder's record | that encoder: full NDCG@10, uni19 Hit@1 | "
-            "current encoder: full NDCG@10, uni19 Hit@1 |",
-            "|---|---|---|---|",
+            "current encoder: full NDCG@10, uni19 Hit@1 | this run |",
+            "|---|---|---|---|---|",
             *retrained,
         ]
     return "\n".join(out) + "\n"
 
 
 def encoder_notes(planned, done, output):
-    """One table line per LLM run whose encoder checkpoint is not the one of its encoder's current record."""
+    """One table line per LLM run whose encoder checkpoint is not the one of its encoder's current record, and whether
+    the grid keeps it or trains it again."""
     records = {record["run_id"]: record for record in done}
     lines = []
 
@@ -697,7 +722,9 @@ def encoder_notes(planned, done, output):
         used = next((old for old in earlier if old["saved_model_file"] == record["sasrec_checkpoint"]), None)
         name = f"`{superseded_name(run_file(output, encoder), used).name}`" if used else "not kept"
         out = figures(used) if used else "–"
-        lines.append(f"| {record['run_id']} | {name} | {out} | {figures(encoder)} |")
+        stale = trained_with_another_encoder(output, run, record)
+        verdict = "to be trained again" if stale else "kept: the encoder reproduced exactly"
+        lines.append(f"| {record['run_id']} | {name} | {out} | {figures(encoder)} | {verdict} |")
     return lines
 
 

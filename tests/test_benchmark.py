@@ -178,20 +178,31 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     second["hardware"] = "2 x CPU, no GPU"
     path.write_text(json.dumps(second))
 
-    planned = [
-        {"run_id": "SASRec-encoder-seed1-e", "encoder": None},
-        {"run_id": "iLoRA-seed1-a", "encoder": "SASRec-encoder-seed1-e"},  # trained before the retraining
-        {"run_id": "iLoRA-generative-seed1-b", "encoder": "SASRec-encoder-seed1-e"},  # after it
-    ]
+    encoder_run = {"run_id": "SASRec-encoder-seed1-e", "dataset": "d", "kind": "encoder", "encoder": None}
+    before = {"run_id": "iLoRA-seed1-a", "dataset": "d", "kind": "llm", "encoder": encoder_run["run_id"]}
+    after = {**before, "run_id": "iLoRA-generative-seed1-b"}
+    planned = [encoder_run, before, after]  # "before" was trained with the first encoder run, "after" with the second
     done = [
         second,
         record("iLoRA-seed1-a", 0.07, sasrec_checkpoint="/saved/old.pth"),
         record("iLoRA-generative-seed1-b", 0.01, sasrec_checkpoint="/new.pth"),
     ]
+    for llm_record in done[1:]:
+        (path.parent / f"{llm_record['run_id']}.json").write_text(json.dumps(llm_record))
     lines = grid.encoder_notes(planned, done, tmp_path)
     assert lines == [
-        f"| iLoRA-seed1-a | `{kept.name}` | 0.0500, 0.4000 (machine not recorded) | 0.0600, 0.4000 (2 x CPU) |"
+        f"| iLoRA-seed1-a | `{kept.name}` | 0.0500, 0.4000 (machine not recorded) | 0.0600, 0.4000 (2 x CPU) "
+        "| to be trained again |"
     ]
+    # the retrained encoder is another model (its metrics differ), so the grid trains "before" again, not "after"
+    assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
+
+    # an encoder retrained into the same model (identical metrics, new checkpoint file) leaves its LLM rows valid
+    path.write_text(json.dumps({**second, "test": first["test"]}))
+    assert grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
+    assert grid.encoder_notes(planned, done, tmp_path)[0].endswith("| kept: the encoder reproduced exactly |")
+    kept.unlink()  # the earlier encoder's record is lost: which model trained "before" is unknown
+    assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
 
 
 def test_grid_processes_sharing_a_folder_skip_each_others_runs_and_wait_for_an_encoder(tmp_path, monkeypatch):
