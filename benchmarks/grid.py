@@ -509,11 +509,11 @@ def protocol_table(by_row, metrics, section, rows):
     return "\n".join(lines)
 
 
-def gate_table(by_row):
+def gate_table(by_row, output):
     lines = [
         "| model | seeds | K | mean gate entropy (nats) | ln K | exp(entropy): effective experts | "
-        "share of users led by each expert (per seed) |",
-        "|---|---|---|---|---|---|---|",
+        "mean weight of a user's top expert (1/K: no preference) | share of users led by each expert (per seed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row, records in by_row.items():
         gated = [r for r in records if r.get("gate")]
@@ -521,14 +521,26 @@ def gate_table(by_row):
             continue
         k = gated[0]["gate"]["num_experts"]
         entropy = mean_std([r["gate"]["mean_entropy"] for r in gated])
+        top = [top_weight(run_file(output, r).with_suffix(".gates.jsonl")) for r in gated]
+        top = fmt(*mean_std(top), digits=3) if None not in top else "–"
         leads = "; ".join(
             "/".join(f"{n / r['gate']['users']:.2f}" for n in r["gate"]["users_led_by_expert"]) for r in gated
         )
         lines.append(
             f"| {row} | {len(gated)} | {k} | {fmt(*entropy, digits=3)} | {math.log(k):.3f} | "
-            f"{math.exp(entropy[0]):.2f} | {leads} |"
+            f"{math.exp(entropy[0]):.2f} | {top} | {leads} |"
         )
     return "\n".join(lines)
+
+
+def top_weight(path):
+    """The mean over users of their largest expert weight (``<run>.gates.jsonl``), or None without that file. It tells
+    a gate that prefers an expert from one that leads by a hair: a user led by expert 2 at 0.2503 is not routed."""
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as file:
+        weights = [max(json.loads(line)["weights"]) for line in file if line.strip()]
+    return sum(weights) / len(weights)
 
 
 def answer_statistics(path):
@@ -636,10 +648,12 @@ def render_markdown(dataset, planned, by_row, quick, output):
         "## Does the gate differentiate users?",
         "",
         "Gate weights of every test user, from the best checkpoint of each run (`runs/<run>.gates.jsonl`). A gate "
-        "that ignores the user has entropy ln K and leads nobody in particular; see "
+        "that ignores the user has entropy ln K and a top weight of 1/K: its leading expert (the largest weight, ties "
+        "to the lowest index) leads by a hair or by index alone, so read the shares of users led only next to the "
+        "top weight; see "
         f"`{dataset}.gates.png` (first seed).",
         "",
-        gate_table(by_row),
+        gate_table(by_row, output),
         "",
         "## Rows",
         "",

@@ -253,3 +253,33 @@ def test_grid_processes_sharing_a_folder_skip_each_others_runs_and_wait_for_an_e
     assert not grid.run_file(output, run("held")).exists()
     with grid.run_lock(work, "held", wait=False) as free:  # every lock was given back
         assert free
+
+
+def test_gate_table_gives_each_gate_its_top_weight_so_a_uniform_gate_is_not_read_as_routing(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    gates = {
+        "iLoRA": [[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]],  # routes: top weights 0.7 and 0.6
+        "iLoRA-gate-uniform": [[0.25, 0.25, 0.25, 0.25]] * 2,  # every user "led" by expert 0, by index alone
+    }
+    by_row = {}
+    for row, weights in gates.items():
+        record = {"run_id": f"{row}-seed1-h", "dataset": "d", "seed": 1}
+        entropies = [-sum(w * math.log(w) for w in user) for user in weights]
+        leads = [sum(max(range(4), key=user.__getitem__) == k for user in weights) for k in range(4)]
+        record["gate"] = {
+            "num_experts": 4,
+            "users": 2,
+            "mean_entropy": sum(entropies) / 2,
+            "users_led_by_expert": leads,
+        }
+        path = grid.run_file(tmp_path, record).with_suffix(".gates.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"weights": user}) + "\n" for user in weights))
+        by_row[row] = [record]
+    lines = grid.gate_table(by_row, tmp_path).splitlines()
+    assert lines[2].startswith("| iLoRA | 1 | 4 |") and "| 0.650 | 0.50/0.00/0.00/0.50 |" in lines[2]
+    assert (
+        lines[3].startswith("| iLoRA-gate-uniform | 1 | 4 | 1.386 |") and "| 0.250 | 1.00/0.00/0.00/0.00 |" in lines[3]
+    )
