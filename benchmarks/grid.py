@@ -233,18 +233,29 @@ def trained_with_another_encoder(output, run, record=None):
     came out different (another CPU's float sums) makes them stale, so every LLM row of a seed shares one encoder."""
     if not run.get("encoder"):
         return False
-    encoder_path = Path(output) / "runs" / run["dataset"] / f"{run['encoder']}.json"
+    encoder_path = run_file(output, {"dataset": run["dataset"], "run_id": run["encoder"]})
     if not encoder_path.exists():
         return False
-    used = (record or json.loads(run_file(output, run).read_text())).get("sasrec_checkpoint")
+    record = record or json.loads(run_file(output, run).read_text())
     encoder = json.loads(encoder_path.read_text())
-    if used in (None, encoder["saved_model_file"]):
+    if record.get("sasrec_checkpoint") in (None, encoder["saved_model_file"]):
         return False
-    for path in encoder_path.parent.glob(f"{run['encoder']}.superseded-*.json"):
+    return not same_encoder(earlier_encoder_record(encoder_path, record), encoder)
+
+
+def same_encoder(earlier, encoder):
+    """Whether an earlier encoder record (None: not kept) came out as the current one: same valid and test metrics."""
+    return earlier is not None and (earlier.get("valid"), earlier["test"]) == (encoder.get("valid"), encoder["test"])
+
+
+def earlier_encoder_record(encoder_path, record):
+    """The superseded record (``<encoder run>.superseded-*.json``) of the encoder run whose checkpoint an LLM row's
+    ``record`` used, or None if it was not kept."""
+    for path in sorted(encoder_path.parent.glob(f"{encoder_path.stem}.superseded-*.json")):
         earlier = json.loads(path.read_text())
-        if earlier["saved_model_file"] == used:
-            return (earlier.get("valid"), earlier["test"]) != (encoder.get("valid"), encoder["test"])
-    return True
+        if earlier["saved_model_file"] == record["sasrec_checkpoint"]:
+            return earlier
+    return None
 
 
 def write_json_atomically(path, payload):
@@ -729,15 +740,10 @@ def encoder_notes(planned, done, output):
         record, encoder = records.get(run["run_id"]), records.get(run["encoder"])
         if not record or not encoder or record.get("sasrec_checkpoint") in (None, encoder["saved_model_file"]):
             continue
-        earlier = [
-            json.loads(path.read_text())
-            for path in sorted(run_file(output, encoder).parent.glob(f"{encoder['run_id']}.superseded-*.json"))
-        ]
-        used = next((old for old in earlier if old["saved_model_file"] == record["sasrec_checkpoint"]), None)
+        used = earlier_encoder_record(run_file(output, encoder), record)
         name = f"`{superseded_name(run_file(output, encoder), used).name}`" if used else "not kept"
         out = figures(used) if used else "–"
-        stale = trained_with_another_encoder(output, run, record)
-        verdict = "to be trained again" if stale else "kept: the encoder reproduced exactly"
+        verdict = "kept: the encoder reproduced exactly" if same_encoder(used, encoder) else "to be trained again"
         lines.append(f"| {record['run_id']} | {name} | {out} | {figures(encoder)} | {verdict} |")
     return lines
 

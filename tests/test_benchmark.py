@@ -198,9 +198,11 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
 
     # an encoder retrained into the same model (identical metrics, new checkpoint file) leaves its LLM rows valid
-    path.write_text(json.dumps({**second, "test": first["test"]}))
+    reproduced = {**second, "test": first["test"]}
+    path.write_text(json.dumps(reproduced))
     assert grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
-    assert grid.encoder_notes(planned, done, tmp_path)[0].endswith("| kept: the encoder reproduced exactly |")
+    notes = grid.encoder_notes(planned, [reproduced, *done[1:]], tmp_path)
+    assert notes[0].endswith("| kept: the encoder reproduced exactly |")
     kept.unlink()  # the earlier encoder's record is lost: which model trained "before" is unknown
     assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
 
