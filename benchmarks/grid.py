@@ -216,14 +216,52 @@ def run_file(output, run):
 
 
 def finished(output, run):
-    """A run is done when its JSON exists (an encoder also needs its checkpoint, which LLM rows load) and, for an LLM
-    row, its encoder was not trained again into a different model since (``trained_with_another_encoder``)."""
+    """A run is done when its JSON exists (an encoder also needs its checkpoint, which LLM rows load: in ``--work`` or
+    its copy in ``<output>``) and, for an LLM row, its encoder was not trained again into a different model since
+    (``trained_with_another_encoder``)."""
     path = run_file(output, run)
     if not path.exists():
         return False
     if run["kind"] == "encoder":
-        return Path(json.loads(path.read_text())["saved_model_file"]).exists()
+        return encoder_checkpoint(path) is not None
     return not trained_with_another_encoder(output, run)
+
+
+def encoder_copy(encoder_path, saved_model_file):
+    """Where an encoder run's checkpoint is kept with the results: ``<output>/runs/<dataset>/encoders/<its name>``.
+    The ml-100k encoders came out different on another CPU, so an encoder is never retrained to resume a grid on a
+    new machine: LLM rows load this copy when ``--work`` lost the checkpoint."""
+    return Path(encoder_path).parent / "encoders" / Path(saved_model_file).name
+
+
+def encoder_checkpoint(encoder_path):
+    """The checkpoint of the encoder run recorded at ``encoder_path``: the one in ``--work`` if it is still there, else
+    its copy in the results, else None."""
+    saved_model_file = json.loads(Path(encoder_path).read_text())["saved_model_file"]
+    for path in (Path(saved_model_file), encoder_copy(encoder_path, saved_model_file)):
+        if path.exists():
+            return str(path)
+    return None
+
+
+def keep_encoder_copy(encoder_path):
+    """Copy an encoder run's checkpoint into the results (weights and config, without the optimizer's state; weights-
+    only loadable, written atomically) unless the copy exists or the checkpoint is gone."""
+    from recbole_ilora._compat import atomic_torch_save, safe_load
+
+    saved_model_file = json.loads(Path(encoder_path).read_text())["saved_model_file"]
+    copy = encoder_copy(encoder_path, saved_model_file)
+    if copy.exists() or not Path(saved_model_file).exists():
+        return
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = safe_load(saved_model_file, "saved_model_file")
+    atomic_torch_save({key: value for key, value in checkpoint.items() if key != "optimizer"}, copy)
+
+
+def same_checkpoint(used, saved_model_file):
+    """Whether the checkpoint an LLM row loaded (``used``: the encoder's file in ``--work`` or its copy in another
+    clone's results) is the encoder run's ``saved_model_file``: the same name, which carries the time it was saved."""
+    return used is not None and Path(used).name == Path(saved_model_file).name
 
 
 def trained_with_another_encoder(output, run, record=None):
@@ -238,7 +276,8 @@ def trained_with_another_encoder(output, run, record=None):
         return False
     record = record or json.loads(run_file(output, run).read_text())
     encoder = json.loads(encoder_path.read_text())
-    if record.get("sasrec_checkpoint") in (None, encoder["saved_model_file"]):
+    used = record.get("sasrec_checkpoint")
+    if used is None or same_checkpoint(used, encoder["saved_model_file"]):
         return False
     return not same_encoder(earlier_encoder_record(encoder_path, record), encoder)
 
@@ -253,7 +292,7 @@ def earlier_encoder_record(encoder_path, record):
     ``record`` used, or None if it was not kept."""
     for path in sorted(encoder_path.parent.glob(f"{encoder_path.stem}.superseded-*.json")):
         earlier = json.loads(path.read_text())
-        if earlier["saved_model_file"] == record["sasrec_checkpoint"]:
+        if same_checkpoint(record["sasrec_checkpoint"], earlier["saved_model_file"]):
             return earlier
     return None
 
@@ -282,6 +321,9 @@ def execute(runs, output, work, after_each=None):
     work = Path(work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     failed = []
+    for run in runs:  # encoders recorded before their checkpoints were copied into the results
+        if run["kind"] == "encoder" and run_file(output, run).exists():
+            keep_encoder_copy(run_file(output, run))
     pending = [run for run in runs if not finished(output, run)]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; {len(pending)} to go", flush=True)
     for number, run in enumerate(pending, 1):
@@ -353,7 +395,7 @@ def worker(spec_path):
 
     config_dict = dict(spec["config_dict"])
     if spec.get("encoder_file"):
-        config_dict["sasrec_checkpoint"] = json.loads(Path(spec["encoder_file"]).read_text())["saved_model_file"]
+        config_dict["sasrec_checkpoint"] = encoder_checkpoint(spec["encoder_file"])
     config = resolve_config(spec["model"], spec["dataset"], spec["config_files"], config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -390,6 +432,8 @@ def worker(spec_path):
         record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
     keep_superseded(Path(spec["output"]))
     write_json_atomically(spec["output"], record)
+    if spec["kind"] == "encoder":
+        keep_encoder_copy(spec["output"])
 
 
 def superseded_name(path, record):
@@ -738,7 +782,9 @@ def encoder_notes(planned, done, output):
 
     for run in planned:
         record, encoder = records.get(run["run_id"]), records.get(run["encoder"])
-        if not record or not encoder or record.get("sasrec_checkpoint") in (None, encoder["saved_model_file"]):
+        if not record or not encoder or record.get("sasrec_checkpoint") is None:
+            continue
+        if same_checkpoint(record["sasrec_checkpoint"], encoder["saved_model_file"]):
             continue
         used = earlier_encoder_record(run_file(output, encoder), record)
         name = f"`{superseded_name(run_file(output, encoder), used).name}`" if used else "not kept"

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT, TINY, tiny_config
 from recbole.utils import init_seed
 
 from recbole_ilora.gate_report import plot_routing, uniform_records
+from recbole_ilora.model.sequence_encoder import read_sasrec_checkpoint
 from recbole_ilora.quick_start import objective_function, protocol_test_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,6 +97,9 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
         assert set(record["test"]) == {"full", "uni19"}
         assert all(0.0 <= value <= 1.0 for mode in record["test"].values() for value in mode.values())
     assert records["iLoRA"]["sasrec_checkpoint"] == records["SASRec-encoder"]["saved_model_file"]
+    copy = runs / "encoders" / os.path.basename(records["SASRec-encoder"]["saved_model_file"])
+    kept = read_sasrec_checkpoint(copy)  # the encoder, committed with the results: loadable by an LLM row
+    assert "optimizer" not in kept and kept["config"]["seed"] == 2020
     gates = (runs / f"{records['iLoRA']['run_id']}.gates.jsonl").read_text().splitlines()
     assert len(gates) == 40 and records["iLoRA"]["gate"]["users"] == 40
     assert records["iLoRA"]["gate"]["mean_entropy"] <= math.log(4) + 1e-6
@@ -205,6 +209,40 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     assert notes[0].endswith("| kept: the encoder reproduced exactly |")
     kept.unlink()  # the earlier encoder's record is lost: which model trained "before" is unknown
     assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
+
+
+def test_an_encoder_kept_with_the_results_resumes_its_llm_rows_on_a_machine_that_lost_the_checkpoint(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    saved = tmp_path / "work" / "saved" / "SASRec-Nov-30-2026_10-11-33.pth"
+    saved.parent.mkdir(parents=True)
+    weights = {"item_embedding.weight": torch.randn(5, 4)}
+    torch.save({"config": {"model": "SASRec"}, "state_dict": weights, "optimizer": {"state": {}}}, saved)
+    output = tmp_path / "results"
+    encoder = {"run_id": "SASRec-encoder-seed1-e", "dataset": "d", "kind": "encoder", "encoder": None}
+    llm = {"run_id": "iLoRA-seed1-a", "dataset": "d", "kind": "llm", "encoder": encoder["run_id"]}
+    encoder_path = grid.run_file(output, encoder)
+    grid.write_json_atomically(encoder_path, {"run_id": encoder["run_id"], "saved_model_file": str(saved)})
+
+    grid.execute([encoder], output, tmp_path / "work")  # finished: nothing runs, but the checkpoint is copied
+    copy = output / "runs" / "d" / "encoders" / saved.name
+    kept = torch.load(copy, weights_only=True)
+    assert set(kept) == {"config", "state_dict"} and torch.equal(
+        kept["state_dict"]["item_embedding.weight"], weights["item_embedding.weight"]
+    )
+    assert grid.encoder_checkpoint(encoder_path) == str(saved)
+
+    saved.unlink()  # a new machine: --work is empty, the results were cloned
+    assert grid.finished(output, encoder) and grid.encoder_checkpoint(encoder_path) == str(copy)
+    # an LLM row trained in another clone with the same encoder (same checkpoint name, another folder) stays valid
+    llm_record = {"run_id": llm["run_id"], "sasrec_checkpoint": f"/elsewhere/results/runs/d/encoders/{saved.name}"}
+    grid.write_json_atomically(grid.run_file(output, llm), llm_record)
+    assert grid.finished(output, llm)
+    copy.unlink()  # the copy lost too: the encoder must be trained again
+    assert not grid.finished(output, encoder)
 
 
 def test_grid_processes_sharing_a_folder_skip_each_others_runs_and_wait_for_an_encoder(tmp_path, monkeypatch):
