@@ -502,10 +502,10 @@ def report(runs, output, quick):
     """Write ``<output>/<dataset>.md`` and its PNGs from the finished runs of the plan."""
     for dataset in dict.fromkeys(run["dataset"] for run in runs):
         planned = [run for run in runs if run["dataset"] == dataset]
-        done = [json.loads(run_file(output, run).read_text()) for run in planned if run_file(output, run).exists()]
+        done, stale = recorded_runs(planned, output)
         rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
         by_row = {row: [record for record in done if record["row"] == row] for row in rows}
-        markdown = render_markdown(dataset, planned, by_row, quick, output)
+        markdown = render_markdown(dataset, planned, by_row, quick, output, stale)
         Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
         if dataset == "ml-100k" and Path(output).resolve() == (REPO / "results").resolve():
             update_readme(markdown, len(done), len(planned))
@@ -513,6 +513,17 @@ def report(runs, output, quick):
             plot_rows(dataset, by_row, Path(output, f"{dataset}.png"))
             plot_gates(dataset, by_row, output, Path(output, f"{dataset}.gates.png"))
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def recorded_runs(planned, output):
+    """The records of the ``planned`` runs: (those the tables show, those to be trained again because their encoder
+    was trained again into a different model). An encoder's record counts even where its checkpoint is gone."""
+    done, stale = [], []
+    for run in planned:
+        if run_file(output, run).exists():
+            record = json.loads(run_file(output, run).read_text())
+            (stale if trained_with_another_encoder(output, run, record) else done).append(record)
+    return done, stale
 
 
 def update_readme(markdown, done, planned):
@@ -642,7 +653,7 @@ def answers_table(by_row, output):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def render_markdown(dataset, planned, by_row, quick, output):
+def render_markdown(dataset, planned, by_row, quick, output, stale=()):
     done = [record for records in by_row.values() for record in records]
     commits = sorted({record["commit"] for record in done})
     machines = sorted({record["hardware"] for record in done})
@@ -657,7 +668,16 @@ def render_markdown(dataset, planned, by_row, quick, output):
     command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
     out = [f"# {dataset}: iLoRA, uniform LoRA and RecBole's sequential baselines", ""]
     if len(done) < len(planned):
-        out += [f"**Incomplete grid: {len(done)} of {len(planned)} runs finished.** Rerun the command to resume.", ""]
+        waiting = (
+            f" {len(stale)} more were trained with an earlier encoder and wait to be trained again: the tables leave "
+            'them out (see "Encoders trained again").'
+            if stale
+            else ""
+        )
+        out += [
+            f"**Incomplete grid: {len(done)} of {len(planned)} runs finished.**{waiting} Rerun the command to resume.",
+            "",
+        ]
     out += [
         f"Produced by `{command}` (rows: {', '.join(by_row)}), commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(f'`{c}`' for c in commits) or '–'}, on {'; '.join(machines) or '–'}. "
@@ -747,7 +767,7 @@ def render_markdown(dataset, planned, by_row, quick, output):
             f"| {record['run_id']} | {record['finished']} | {record['wall_seconds'] / 60:.1f} | {cpu_minutes} | "
             f"{record['commit']} |"
         )
-    retrained = encoder_notes(planned, done, output)
+    retrained = encoder_notes(planned, [*done, *stale], output)
     if retrained:
         out += [
             "",
@@ -760,7 +780,7 @@ def render_markdown(dataset, planned, by_row, quick, output):
             "and checked on an ml-100k encoder); on another CPU the floating-point sums differ and so, slightly, "
             "do the metrics. Where the two encoder runs' valid and test metrics are identical, the LLM run is kept; "
             "otherwise the grid trains it again with the current encoder (so that every LLM row of a seed shares one "
-            "encoder), keeps this record as superseded, and the tables show this record until then.",
+            "encoder) and keeps this record as superseded; the tables leave it out.",
             "",
             "| LLM run | its encoder's record | that encoder: full NDCG@10, uni19 Hit@1 | "
             "current encoder: full NDCG@10, uni19 Hit@1 | this run |",

@@ -200,6 +200,9 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     ]
     # the retrained encoder is another model (its metrics differ), so the grid trains "before" again, not "after"
     assert not grid.finished(tmp_path, before) and grid.finished(tmp_path, after)
+    shown, stale = grid.recorded_runs(planned, tmp_path)  # the tables compare runs of one encoder per seed
+    assert [r["run_id"] for r in shown] == [second["run_id"], after["run_id"]]
+    assert [r["run_id"] for r in stale] == [before["run_id"]]
 
     # an encoder retrained into the same model (identical metrics, new checkpoint file) leaves its LLM rows valid
     reproduced = {**second, "test": first["test"]}
