@@ -264,6 +264,12 @@ def same_checkpoint(used, saved_model_file):
     return used is not None and Path(used).name == Path(saved_model_file).name
 
 
+def used_current_encoder(record, encoder):
+    """Whether an LLM row's record loaded its encoder's current checkpoint (or recorded none to compare)."""
+    used = record.get("sasrec_checkpoint")
+    return used is None or same_checkpoint(used, encoder["saved_model_file"])
+
+
 def trained_with_another_encoder(output, run, record=None):
     """Whether an LLM row's record used an encoder checkpoint other than its encoder's current one that is not the same
     model: the earlier encoder run's record (kept as superseded) is missing or its valid or test metrics differ. A
@@ -276,8 +282,7 @@ def trained_with_another_encoder(output, run, record=None):
         return False
     record = record or json.loads(run_file(output, run).read_text())
     encoder = json.loads(encoder_path.read_text())
-    used = record.get("sasrec_checkpoint")
-    if used is None or same_checkpoint(used, encoder["saved_model_file"]):
+    if used_current_encoder(record, encoder):
         return False
     return not same_encoder(earlier_encoder_record(encoder_path, record), encoder)
 
@@ -802,9 +807,7 @@ def encoder_notes(planned, done, output):
 
     for run in planned:
         record, encoder = records.get(run["run_id"]), records.get(run["encoder"])
-        if not record or not encoder or record.get("sasrec_checkpoint") is None:
-            continue
-        if same_checkpoint(record["sasrec_checkpoint"], encoder["saved_model_file"]):
+        if not record or not encoder or used_current_encoder(record, encoder):
             continue
         used = earlier_encoder_record(run_file(output, encoder), record)
         name = f"`{superseded_name(run_file(output, encoder), used).name}`" if used else "not kept"
