@@ -672,17 +672,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
     command = "python benchmarks/grid.py" + (" --quick" if quick else "")
     command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
     out = [f"# {dataset}: iLoRA, uniform LoRA and RecBole's sequential baselines", ""]
-    if len(done) < len(planned):
-        waiting = (
-            f" {len(stale)} more were trained with an earlier encoder and wait to be trained again: the tables leave "
-            'them out (see "Encoders trained again").'
-            if stale
-            else ""
-        )
-        out += [
-            f"**Incomplete grid: {len(done)} of {len(planned)} runs finished.**{waiting} Rerun the command to resume.",
-            "",
-        ]
+    out += incomplete_grid_lines(len(done), len(planned), len(stale))
     out += [
         f"Produced by `{command}` (rows: {', '.join(by_row)}), commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(f'`{c}`' for c in commits) or '–'}, on {'; '.join(machines) or '–'}. "
@@ -793,6 +783,21 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
             *retrained,
         ]
     return "\n".join(out) + "\n"
+
+
+def incomplete_grid_lines(finished, planned, stale):
+    """The report's warning while the grid is incomplete (none once it is): how many runs finished, and how many more
+    were recorded with an encoder trained again since, which the tables leave out."""
+    if finished >= planned:
+        return []
+    one = stale == 1
+    waiting = (
+        f" {stale} more {'was' if one else 'were'} trained with an earlier encoder and {'waits' if one else 'wait'} to "
+        f"be trained again: the tables leave {'it' if one else 'them'} out (see \"Encoders trained again\")."
+        if stale
+        else ""
+    )
+    return [f"**Incomplete grid: {finished} of {planned} runs finished.**{waiting} Rerun the command to resume.", ""]
 
 
 def encoder_notes(planned, done, output):

@@ -203,6 +203,11 @@ def test_a_retrained_encoder_keeps_the_record_its_llm_rows_used(tmp_path, monkey
     shown, stale = grid.recorded_runs(planned, tmp_path)  # the tables compare runs of one encoder per seed
     assert [r["run_id"] for r in shown] == [second["run_id"], after["run_id"]]
     assert [r["run_id"] for r in stale] == [before["run_id"]]
+    assert grid.incomplete_grid_lines(len(shown), len(planned), len(stale))[0] == (
+        "**Incomplete grid: 2 of 3 runs finished.** 1 more was trained with an earlier encoder and waits to be trained "
+        'again: the tables leave it out (see "Encoders trained again"). Rerun the command to resume.'
+    )
+    assert grid.incomplete_grid_lines(3, 3, 0) == []  # a complete grid's report has no warning
 
     # an encoder retrained into the same model (identical metrics, new checkpoint file) leaves its LLM rows valid
     reproduced = {**second, "test": first["test"]}
