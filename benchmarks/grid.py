@@ -793,7 +793,7 @@ def incomplete_grid_lines(finished, planned, stale):
     one = stale == 1
     waiting = (
         f" {stale} more {'was' if one else 'were'} trained with an earlier encoder and {'waits' if one else 'wait'} to "
-        f"be trained again: the tables leave {'it' if one else 'them'} out (see \"Encoders trained again\")."
+        f'be trained again: the tables leave {"it" if one else "them"} out (see "Encoders trained again").'
         if stale
         else ""
     )
