@@ -553,12 +553,14 @@ def update_readme(markdown, done, planned):
 def protocol_table(by_row, metrics, section, rows):
     """The ``rows`` of ``by_row`` as a table of ``section(record)``'s ``metrics`` (mean ± std over seeds)."""
     by_row = {row: records for row, records in by_row.items() if row in rows}
-    stats = {
-        row: {metric: mean_std([section(r)[metric] for r in records]) for metric in metrics}
+    values = {  # None: undefined for that seed (HR@1 (valid) without a valid answer), left out of the mean
+        row: {metric: [v for r in records if (v := section(r)[metric]) is not None] for metric in metrics}
         for row, records in by_row.items()
         if records
     }
-    best = {metric: max((s[metric][0] for s in stats.values()), default=None) for metric in metrics}
+    stats = {row: {metric: mean_std(v) for metric, v in of_row.items()} for row, of_row in values.items()}
+    means = {metric: [s[metric][0] for s in stats.values() if s[metric][0] is not None] for metric in metrics}
+    best = {metric: max(means[metric], default=None) for metric in metrics}
     lines = [
         "| model | seeds | " + " | ".join(metrics) + " | trainable params | wall min/run | CPU min/run |",
         "|---|---|" + "---|" * len(metrics) + "---|---|---|",
@@ -571,13 +573,26 @@ def protocol_table(by_row, metrics, section, rows):
         for metric in metrics:
             mean, std = stats[row][metric]
             cell = fmt(mean, std)
-            cells.append(f"**{cell}**" if math.isclose(mean, best[metric], rel_tol=0, abs_tol=1e-12) else cell)
+            if mean is not None and math.isclose(mean, best[metric], rel_tol=0, abs_tol=1e-12):
+                cell = f"**{cell}**"
+            if len(values[row][metric]) < len(records):
+                cell += f" ({len(values[row][metric])} of {len(records)} seeds)"
+            cells.append(cell)
         params = records[0]["trainable_parameters"]
         minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
         timed = [r["cpu_seconds"] for r in records if "cpu_seconds" in r]
         cpu = f"{statistics.fmean(timed) / 60:.1f}" if timed else "–"
         lines.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} | {cpu} |")
     return "\n".join(lines)
+
+
+def generative_metrics(record):
+    """A generative run's ValidRatio and HR@1s, HR@1 (valid) undefined (None) without a valid answer (records written
+    before ``summarize_verdicts`` returned None there hold 0)."""
+    metrics = dict(record["generative"])
+    if not metrics["valid_ratio"]:
+        metrics["hr@1_valid"] = None
+    return metrics
 
 
 def gate_table(by_row, output):
@@ -705,11 +720,12 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "Trained with the language-modelling loss on the answer title of a prompt listing the history and 20 "
         "candidates (the target and 19 items the user never interacted with, sampled by RecBole's sampler, seeded: "
         "the same lists for both rows), then answering greedily (`properties/generative.yaml`). ValidRatio: share "
-        "of test users whose answer names exactly one candidate; HR@1 (valid) = correct / valid (the paper's); "
+        "of test users whose answer names exactly one candidate; HR@1 (valid) = correct / valid (the paper's; "
+        "undefined for a run without a valid answer, so its mean is over the seeds where it is defined); "
         "HR@1 (all) = correct / users (RecBole's Hit@1). Every test user's candidates, answer and verdict: "
         "`runs/<run>.generations.jsonl.gz`.",
         "",
-        protocol_table(by_row, GENERATIVE_METRICS, lambda r: r["generative"], GENERATIVE_ROWS),
+        protocol_table(by_row, GENERATIVE_METRICS, generative_metrics, GENERATIVE_ROWS),
         "",
         "What the models answered (from the same files; answers compared after stripping spaces at both ends):",
         "",

@@ -5,7 +5,8 @@
   ``Heat Wave``) does not count.
 - :func:`verdict` / :func:`summarize_verdicts`: an output is *valid* when it names exactly one candidate, *correct*
   when that one is the target. ValidRatio = valid / users; HR@1 (valid) = correct / valid, the paper's definition;
-  HR@1 (all) = correct / users, what RecBole's Hit@1 would mean.
+  HR@1 (all) = correct / users, what RecBole's Hit@1 would mean. With no valid answer HR@1 (valid) is undefined:
+  ``None`` (``null`` in JSON), not 0.
 - :class:`CandidateSampler`: 19 (``num_candidates - 1``) items per user drawn uniformly by RecBole's non-repeatable
   ``Sampler`` among the items the user never interacted with (in any split), plus the target, in a random order.
 """
@@ -67,7 +68,7 @@ def summarize_verdicts(verdicts):
     return {
         "users": users,
         "valid_ratio": valid / users if users else 0.0,
-        "hr@1_valid": correct / valid if valid else 0.0,
+        "hr@1_valid": correct / valid if valid else None,  # 0 / 0: undefined, not a miss
         "hr@1_all": correct / users if users else 0.0,
     }
 
@@ -123,7 +124,8 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
     verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``).
 
     Returns:
-        dict: ``users``, ``valid_ratio``, ``hr@1_valid``, ``hr@1_all`` and ``generations_file``.
+        dict: ``users``, ``valid_ratio``, ``hr@1_valid`` (``None`` when no answer is valid), ``hr@1_all`` and
+        ``generations_file``.
     """
     from recbole.utils import get_local_time, init_seed, set_color
     from tqdm import tqdm

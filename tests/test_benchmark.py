@@ -331,3 +331,29 @@ def test_gate_table_gives_each_gate_its_top_weight_so_a_uniform_gate_is_not_read
     assert (
         lines[3].startswith("| iLoRA-gate-uniform | 1 | 4 | 1.386 |") and "| 0.250 | 1.00/0.00/0.00/0.00 |" in lines[3]
     )
+
+
+def test_generative_table_leaves_an_undefined_hr_at_1_valid_out_of_the_mean(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def record(valid_ratio, hr_valid, hr_all):
+        generative = {"users": 943, "valid_ratio": valid_ratio, "hr@1_valid": hr_valid, "hr@1_all": hr_all}
+        return {"generative": generative, "trainable_parameters": 10, "wall_seconds": 60, "cpu_seconds": 60}
+
+    # the third seed has no valid answer; its 0 (as recorded before HR@1 (valid) became None there) is not a miss
+    by_row = {
+        "UniformLoRA-generative": [record(0.004, 0.5, 0.002), record(0.008, 0.25, 0.002), record(0.0, 0.0, 0.0)],
+        "iLoRA-generative": [record(0.002, 1.0, 0.002), record(0.004, 0.5, 0.002), record(0.004, None, 0.0)],
+    }
+    by_row["iLoRA-generative"][2]["generative"]["valid_ratio"] = 0.0
+    table = grid.protocol_table(by_row, grid.GENERATIVE_METRICS, grid.generative_metrics, grid.GENERATIVE_ROWS)
+    lines = table.splitlines()
+    assert lines[2] == (
+        "| UniformLoRA-generative | 3 | **0.0040 ± 0.0040** | 0.3750 ± 0.1768 (2 of 3 seeds) | "
+        "**0.0013 ± 0.0012** | 10 | 1.0 | 1.0 |"
+    )
+    assert lines[3] == (
+        "| iLoRA-generative | 3 | 0.0020 ± 0.0020 | **0.7500 ± 0.3536** (2 of 3 seeds) | "
+        "**0.0013 ± 0.0012** | 10 | 1.0 | 1.0 |"
+    )

@@ -48,6 +48,9 @@ def test_verdicts_and_ratios():
     assert verdict("", titles, 2)[:2] == (False, False)
     summary = summarize_verdicts([(True, True), (True, False), (False, False), (False, False)])
     assert summary == {"users": 4, "valid_ratio": 0.5, "hr@1_valid": 0.5, "hr@1_all": 0.25}
+    # no valid answer: HR@1 (valid) is 0 / 0, undefined, and must not count as a miss in a mean over seeds
+    summary = summarize_verdicts([(False, False), (False, False)])
+    assert summary == {"users": 2, "valid_ratio": 0.0, "hr@1_valid": None, "hr@1_all": 0.0}
 
 
 @pytest.fixture
@@ -205,7 +208,10 @@ def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache):
     generation = result["generative_result"]
     assert generation["users"] == 40
     assert 0.0 <= generation["hr@1_all"] <= generation["valid_ratio"] <= 1.0
-    assert 0.0 <= generation["hr@1_valid"] <= 1.0
+    if generation["valid_ratio"]:
+        assert 0.0 <= generation["hr@1_valid"] <= 1.0
+    else:  # no valid answer
+        assert generation["hr@1_valid"] is None
     lines = [json.loads(line) for line in open(generation["generations_file"], encoding="utf-8")]
     assert len(lines) == 40 and all(len(line["candidates"]) == 20 for line in lines)
     assert all(line["target"] in line["candidates"] for line in lines)
