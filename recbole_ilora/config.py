@@ -51,6 +51,22 @@ class Config(RecBoleConfig):
         dataset_keys = self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml")
         self.parameters["Dataset"] += [key for key in dataset_keys if key not in self.parameters["Dataset"]]
 
+    def _set_default_parameters(self):
+        """RecBole's defaults, with two changes: ``train_neg_sample_args`` is None for cross-entropy models unless
+        set, and a ``data_path`` the user gives is honoured for ``ml-100k`` too (RecBole always points that name at
+        the copy inside its wheel, so a custom copy could be neither trained on nor reloaded)."""
+        settings = self.final_config_dict
+        # A model trained with cross-entropy over all items (loss_type CE, RecBole's SASRec, GRU4Rec, BERT4Rec, ...)
+        # samples no negatives, and RecBole refuses the default sampling for it; pairwise models (BPR, FPMC) keep it.
+        # So unless the user sets train_neg_sample_args, it follows the model, as RecBole's users set it by hand.
+        uses_ce = not hasattr(self.model_class, "input_type") and settings.get("loss_type") == "CE"
+        if uses_ce and "train_neg_sample_args" not in self.external_config_dict:
+            settings["train_neg_sample_args"] = None
+        super()._set_default_parameters()
+        given = self.external_config_dict.get("data_path")
+        if self.dataset == "ml-100k" and given:
+            self.final_config_dict["data_path"] = os.path.join(given, self.dataset)
+
     def _init_device(self):
         """RecBole's device set-up, plus ``dist_backend`` for its distributed mode (``nproc``/``world_size``, which
         set ``local_rank``): 'nccl' (RecBole's, one CUDA device per process), 'gloo' (CPU processes, or CUDA where NCCL

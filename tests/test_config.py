@@ -1,5 +1,6 @@
 """Configuration loading: plugin property files, precedence of overrides, the model registry and its errors."""
 
+import os
 import re
 import sys
 
@@ -82,3 +83,48 @@ def test_uniform_lora_reads_ilora_keys_then_its_own():
     assert config["gate_input"] == "none" and ilora["gate_input"] == "sasrec"
     for key in ("lora_num_experts", "lora_expert_rank", "lora_alpha", "prompt_template", "epochs", "llm_hidden_size"):
         assert config[key] == ilora[key], key
+
+
+def test_the_model_package_imports_nothing_of_the_runner():
+    """recbole_ilora.model is used by the runner, never the other way round: importing it (in a fresh interpreter)
+    loads neither the quick start, the trainer, the generative runner nor the gate report."""
+    import subprocess
+    import sys
+
+    runner = [
+        "recbole_ilora.quick_start",
+        "recbole_ilora.trainer",
+        "recbole_ilora.generative",
+        "recbole_ilora.gate_report",
+    ]
+    code = f"import sys, recbole_ilora.model; print([name for name in {runner!r} if name in sys.modules])"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip().splitlines()[-1] == "[]"
+
+
+def test_no_module_of_the_model_package_imports_the_runner_even_lazily():
+    """Function-level imports count too (an import inside a method closes the same circle when it runs)."""
+    import ast
+
+    runner = (
+        "recbole_ilora.quick_start",
+        "recbole_ilora.trainer",
+        "recbole_ilora.generative",
+        "recbole_ilora.gate_report",
+    )
+    found = []
+    for path in sorted((REPO_ROOT / "recbole_ilora" / "model").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            found += [f"{path.name}: {name}" for name in names if name.startswith(runner)]
+    assert found == []
+
+
+def test_a_given_data_path_is_honoured_for_ml_100k_too(tmp_path):
+    """RecBole points the name ml-100k at its bundled copy whatever data_path says; a user's own copy is used (and
+    reloaded: load_data_and_model passes the saved data_path back)."""
+    default = Config(model="SASRec", dataset="ml-100k")
+    assert default["data_path"].endswith(os.path.join("dataset_example", "ml-100k"))
+    custom = Config(model="SASRec", dataset="ml-100k", config_dict={"data_path": str(tmp_path)})
+    assert custom["data_path"] == os.path.join(str(tmp_path), "ml-100k")

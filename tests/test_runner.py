@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import DATA_DIR, REPO_ROOT
 
 
@@ -38,3 +39,19 @@ def test_runner_reports_an_unknown_model(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "'model' = 'NoSuchModel' is not a known model" in result.stderr
+
+
+@pytest.mark.parametrize("model", ["BPR", "FPMC"])
+def test_pairwise_models_train_through_the_runner(model):
+    """A pairwise general (BPR) and sequential (FPMC) model need RecBole's negative sampling, which the plugin's
+    dataset settings used to switch off for every model (KeyError: 'neg_item_id'); CE models get None."""
+    from conftest import TINY
+
+    from recbole_ilora.config import Config
+    from recbole_ilora.quick_start import objective_function
+
+    settings = {key: value for key, value in TINY.items() if key != "train_neg_sample_args"}
+    assert Config(model=model, config_dict=settings)["train_neg_sample_args"]["distribution"] == "uniform"
+    assert Config(model="SASRec", config_dict=settings)["train_neg_sample_args"]["distribution"] == "none"
+    result = objective_function(config_dict={**settings, "model": model, "epochs": 1})
+    assert result["model"] == model and "ndcg@10" in result["test_result"]  # it trained and tested (it used to crash)

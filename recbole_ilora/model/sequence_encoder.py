@@ -36,14 +36,18 @@ def read_sasrec_checkpoint(path):
 
 
 def build_frozen_sasrec(config, dataset):
-    """A frozen, eval-mode SASRec: from ``sasrec_checkpoint`` when set, else randomly initialised (with a warning;
-    ``recbole_ilora.quick_start`` pretrains one before building the model)."""
+    """A frozen, eval-mode SASRec from ``sasrec_checkpoint`` (``recbole_ilora.quick_start`` pretrains one first when
+    the key is unset). Without a checkpoint, a randomly initialised one only where ``sasrec_allow_random`` says it is
+    intended (a cost benchmark, say), with a warning; otherwise an error: a gate on a random encoder routes noise."""
     path = config["sasrec_checkpoint"]
     if not path:
-        getLogger().warning(
-            "'sasrec_checkpoint' is not set: the frozen SASRec encoder is randomly initialised. Run through "
-            "run_recbole_ilora (which pretrains SASRec first) or pass --sasrec_checkpoint=<SASRec .pth>."
-        )
+        if not config["sasrec_allow_random"]:
+            raise ValueError(
+                "'sasrec_checkpoint' is not set, so the frozen SASRec encoder would be random: run through "
+                "run_recbole_ilora (which pretrains SASRec first), pass --sasrec_checkpoint=<SASRec .pth>, or set "
+                "sasrec_allow_random=True if a random encoder is intended."
+            )
+        getLogger().warning("'sasrec_allow_random': the frozen SASRec encoder is randomly initialised.")
         encoder = SASRec(config, dataset)
     else:
         checkpoint = read_sasrec_checkpoint(path)
