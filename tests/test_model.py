@@ -310,3 +310,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(sasrec_check
     assert grads.keys() == grads_ckpt.keys() and any(name.startswith("gate_network.") for name in grads)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_budget_keeps_each_users_most_recent_sequences():
+    from recbole_ilora.quick_start import budget_training_data
+
+    config = tiny_config(llm_train_sequences_per_user=2)
+    train_data, *_ = data_preparation(config, create_dataset(config))
+    full = train_data._dataset.inter_feat
+    budgeted = budget_training_data(config, train_data)
+    kept = budgeted._dataset.inter_feat
+    users = full["user_id"].unique().tolist()
+    counts = {user: int((full["user_id"] == user).sum()) for user in users}
+    assert len(kept) == sum(min(2, count) for count in counts.values()) < len(full)
+    assert any(count > 2 for count in counts.values())
+    for user in users:
+        targets = full["item_id"][full["user_id"] == user]  # a user's rows are in time order
+        assert torch.equal(kept["item_id"][kept["user_id"] == user], targets[-2:])  # the (at most) two most recent
+    config["llm_train_sequences_per_user"] = None
+    assert budget_training_data(config, train_data) is train_data  # None: the whole training set

@@ -20,6 +20,8 @@ log-likelihood of its title (and end of sequence) given that prompt, encoded onc
 """
 
 import contextlib
+import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,16 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_ilora.model.backbone import load_backbone, require_bitsandbytes
-from recbole_ilora.model.prompt import PromptBuilder, fill_missing_texts, item_texts, parse_template, split_template
+from recbole_ilora.model.backbone import EMBEDDED, check_backbone, load_backbone, require_bitsandbytes
+from recbole_ilora.model.candidates import CandidateSampler
+from recbole_ilora.model.prompt import (
+    PromptBuilder,
+    fill_missing_texts,
+    item_texts,
+    move_article_first,
+    parse_template,
+    split_template,
+)
 from recbole_ilora.model.sequence_encoder import build_frozen_sasrec
 from recbole_ilora.validation import require_int, require_positive
 
@@ -62,19 +72,48 @@ def generative_template(config):
     return template
 
 
+CHAT_TEMPLATE_CHOICES = ("auto", True, False)
+
+
+def uses_chat_template(config, tokenizer):
+    """Whether the generative prompt is a user turn of the tokenizer's chat template (``prompt_chat_template``):
+    ``auto`` where the tokenizer has one (an instruct model answers in its assistant turn), ``True`` (an error
+    without one), ``False`` never."""
+    choice = config["prompt_chat_template"]
+    if choice == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(choice)
+
+
 class LLMSequentialRecommender(SequentialRecommender):
     input_type = InputType.POINTWISE
 
     @classmethod
     def check_config(cls, config):
         """Reject out-of-range or mistyped keys before any data is prepared or model trained."""
-        for key in ("llm_eval_batch_size", "prompt_max_title_tokens", "MAX_ITEM_LIST_LENGTH", "train_batch_size"):
+        keys = ("llm_eval_batch_size", "llm_candidates_per_forward", "prompt_max_title_tokens", "MAX_ITEM_LIST_LENGTH")
+        for key in (*keys, "train_batch_size"):
             require_int(config, key, 1)
         require_positive(config, "learning_rate")
         if not config["sasrec_checkpoint"]:  # the SASRec pretraining's own keys
             require_int(config, "sasrec_epochs", 1)
             require_int(config, "sasrec_train_batch_size", 1)
             require_positive(config, "sasrec_learning_rate")
+        if config["prompt_chat_template"] not in CHAT_TEMPLATE_CHOICES:
+            raise ValueError(
+                f"Make sure 'prompt_chat_template' in ['auto', True, False], got {config['prompt_chat_template']!r}."
+            )
+        check_backbone(config)
+        checkpoint = config["sasrec_checkpoint"]
+        if checkpoint and not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"'sasrec_checkpoint' = {checkpoint!r} does not exist.")
+        load_col = config["load_col"]
+        field = config["prompt_text_field"]
+        if isinstance(load_col, dict) and field not in (load_col.get("item") or []):
+            raise ValueError(
+                f"'prompt_text_field' = {field!r} is not loaded: add it to load_col's item fields "
+                f"(load_col: {{item: [item_id, {field}]}}; now {load_col.get('item')})."
+            )
         objective = config["objective"] or "head"
         if objective not in OBJECTIVES:
             raise ValueError(f"Make sure 'objective' in {list(OBJECTIVES)}, got {objective!r}.")
@@ -92,7 +131,7 @@ class LLMSequentialRecommender(SequentialRecommender):
                 )
         if config["llm_load_in_4bit"]:
             require_bitsandbytes()
-        if not config["llm_path"]:
+        if not config["llm_path"] and config["llm_backbone"] == EMBEDDED:
             for key in ("llm_hidden_size", "llm_num_layers", "llm_num_heads", "llm_intermediate_size"):
                 require_int(config, key, 1)
             require_int(config, "llm_vocab_size", 16)
@@ -103,6 +142,8 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.check_config(config)
         super().__init__(config, dataset)
         self.eval_batch_size = config["llm_eval_batch_size"]
+        self.show_progress = bool(config["show_progress"])
+        self.candidates_per_forward = config["llm_candidates_per_forward"]
 
         # Collaborative encoder (frozen).
         self.sasrec = build_frozen_sasrec(config, dataset)
@@ -110,6 +151,8 @@ class LLMSequentialRecommender(SequentialRecommender):
 
         # Backbone (frozen) and prompts.
         texts = fill_missing_texts(item_texts(dataset, config["prompt_text_field"]), dataset)
+        if config["prompt_title_article_first"]:
+            texts = [move_article_first(text) for text in texts]
         prefix, suffix = split_template(config["prompt_template"])
         self.generative = (config["objective"] or "head") == "generative"
         template = generative_template(config) if self.generative else None
@@ -149,17 +192,16 @@ class LLMSequentialRecommender(SequentialRecommender):
                 config["prompt_max_title_tokens"],
                 placeholders=("history", "candidates"),
                 key="generative_prompt_template",
+                chat=uses_chat_template(config, self.tokenizer),
             )
             self.num_candidates = config["num_candidates"]
             self.max_new_tokens = config["generation_max_new_tokens"]
-            self.item_titles = texts
+            self.item_titles = self.answer_prompt.titles  # as the prompts show them: answers are matched to these
 
     def attach_splits(self, train_data, valid_data, test_data):
         """Called by the runner with RecBole's three data loaders: the generative objective samples its candidate
         lists among the items each user never interacted with, in any split."""
         if self.generative:
-            from recbole_ilora.generative import CandidateSampler
-
             datasets = [data._dataset for data in (train_data, valid_data, test_data)]
             self.candidate_sampler = CandidateSampler(
                 datasets, self.num_candidates, self.ITEM_ID, self.USER_ID, self.ITEM_SEQ
@@ -170,7 +212,11 @@ class LLMSequentialRecommender(SequentialRecommender):
         raise NotImplementedError
 
     # ----- shared pieces for forward() -------------------------------------------------------------------------
+    _encoding_cache = None  # a dict inside reusing_encodings()
+
     def train(self, mode=True):
+        if mode and self._encoding_cache is not None:
+            self._encoding_cache.clear()
         super().train(mode)
         self.sasrec.eval()  # frozen encoder: no dropout, ever
         return self
@@ -262,50 +308,92 @@ class LLMSequentialRecommender(SequentialRecommender):
 
     def _candidate_likelihood(self, item_seq, item_seq_len, candidates):
         """Mean log-likelihood of every candidate's title and end of sequence given the prompt listing them,
-        ``[B, C]``; the prompt is encoded once per history and its cache reused for its candidates."""
+        ``[B, C]``; the prompt is encoded once per history and its key/value cache reused for its candidates,
+        ``llm_candidates_per_forward`` of them at a time (each forward repeats the cache that many times per history:
+        that, not the prompt, bounds the memory)."""
         prompt = self.answer_prompt(item_seq, item_seq_len, candidates)
-        batch_size, num = candidates.shape
         output, state = self._decode_prompt(item_seq, item_seq_len, prompt, use_cache=True, return_state=True)
         last = output.last_hidden_state[:, -1]  # [B, H]: predicts each answer's first token
-        cache = output.past_key_values
-        cache.batch_repeat_interleave(num)
-        answers = self.answer_prompt.answer_table[candidates.flatten()]  # [B*C, A]
-        lengths = self.answer_prompt.answer_length[candidates.flatten()]  # [B*C]
-        width = answers.shape[1]
-        answer_mask = torch.arange(width, device=answers.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B*C, A]
-        prompt_mask = prompt.attention_mask.repeat_interleave(num, dim=0)  # [B*C, T]
-        start = prompt.position_ids[:, -1].repeat_interleave(num) + 1  # [B*C]
-        embeddings = self.llm.input_embeddings()(answers)  # [B*C, A, H]
-        with self.adapter(self.expand_adapter_state(state, num)):
-            hidden = self.llm.decoder()(
-                inputs_embeds=embeddings[:, :-1],
-                attention_mask=torch.cat([prompt_mask, answer_mask[:, :-1].long()], dim=1),
-                position_ids=start.unsqueeze(1) + torch.arange(width - 1, device=answers.device).unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state  # [B*C, A-1, H]
-        hidden = torch.cat([last.repeat_interleave(num, dim=0).unsqueeze(1), hidden], dim=1)  # [B*C, A, H]
-        log_probs = torch.log_softmax(self.llm.lm_head()(hidden).float(), dim=-1)
-        token_log_probs = log_probs.gather(-1, answers.unsqueeze(-1)).squeeze(-1)  # [B*C, A]
+        step = self.candidates_per_forward
+        chunks = candidates.split(step, dim=1)
+        columns = [
+            self._answer_likelihood(
+                prompt, last, state, output.past_key_values, chunk, last_chunk=index == len(chunks) - 1
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+        return torch.cat(columns, dim=1)
+
+    def _answer_likelihood(self, prompt, last, state, prompt_cache, candidates, last_chunk):
+        """``[B, c]``: the mean log-likelihood of ``c`` candidates per history after the prompt whose cache is
+        ``prompt_cache`` (copied unless this is the last chunk: a forward extends the cache in place)."""
+        batch_size, num = candidates.shape
+        cache = prompt_cache if last_chunk else copy.deepcopy(prompt_cache)
+        cache.batch_repeat_interleave(num)  # [B*c, ...]
+        answers = self.answer_prompt.answer_table[candidates.flatten()]  # [B*c, A]
+        lengths = self.answer_prompt.answer_length[candidates.flatten()]  # [B*c]
+        width = int(lengths.max())
+        answers = answers[:, :width]
+        answer_mask = torch.arange(width, device=answers.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B*c, A]
+        prompt_mask = prompt.attention_mask.repeat_interleave(num, dim=0)  # [B*c, T]
+        start = prompt.position_ids[:, -1].repeat_interleave(num) + 1  # [B*c]
+        embeddings = self.llm.input_embeddings()(answers)  # [B*c, A, H]
+        hidden = last.repeat_interleave(num, dim=0).unsqueeze(1)  # [B*c, 1, H]
+        if width > 1:
+            with self.adapter(self.expand_adapter_state(state, num)):
+                rest = self.llm.decoder()(
+                    inputs_embeds=embeddings[:, :-1],
+                    attention_mask=torch.cat([prompt_mask, answer_mask[:, :-1].long()], dim=1),
+                    position_ids=start.unsqueeze(1) + torch.arange(width - 1, device=answers.device).unsqueeze(0),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state  # [B*c, A-1, H]
+            hidden = torch.cat([hidden, rest], dim=1)  # [B*c, A, H]
+        logits = self.llm.lm_head()(hidden).float()  # [B*c, A, V]
+        token_log_probs = logits.gather(-1, answers.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B*c, A]
         mean = (token_log_probs * answer_mask).sum(1) / lengths
         return mean.view(batch_size, num)
 
     def _encode_in_chunks(self, item_seq, item_seq_len):
-        """``forward`` over at most ``llm_eval_batch_size`` histories at a time, ``[B, d]``."""
-        parts = [
-            self.forward(seq, length)
-            for seq, length in zip(
-                item_seq.split(self.eval_batch_size), item_seq_len.split(self.eval_batch_size), strict=True
-            )
-        ]
-        return torch.cat(parts)
+        """``forward`` over at most ``llm_eval_batch_size`` histories at a time, ``[B, d]``; inside
+        :meth:`reusing_encodings`, a history encoded before is not encoded again."""
+        cache = self._encoding_cache
+        keys = [bytes(row) for row in torch.cat([item_seq, item_seq_len.unsqueeze(1)], 1).cpu().numpy()]
+        new = [row for row, key in enumerate(keys) if cache is None or key not in cache]
+        parts = []
+        if new:
+            index = torch.tensor(new, device=item_seq.device)
+            seqs, lengths = item_seq[index], item_seq_len[index]
+            chunks = list(zip(seqs.split(self.eval_batch_size), lengths.split(self.eval_batch_size), strict=True))
+            parts = [self.forward(seq, length) for seq, length in self._progress(chunks, "LLM encoding")]
+        encoded = torch.cat(parts) if parts else None
+        if cache is None:
+            return encoded
+        for position, row in enumerate(new):
+            cache[keys[row]] = encoded[position]
+        return torch.stack([cache[key] for key in keys])
+
+    @contextlib.contextmanager
+    def reusing_encodings(self):
+        """Within: every history's representation is computed once and reused (the weights must not change: the
+        runner opens it around the test modes, which score the same test histories). Cleared on the way out, and
+        by ``train()`` and ``load_state_dict``."""
+        self._encoding_cache = {}
+        try:
+            yield self
+        finally:
+            self._encoding_cache = None
 
     def predict(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        # Sampled protocols repeat each history once per candidate row: encode every distinct history once.
-        histories, row_to_history = torch.unique(
-            torch.cat([item_seq, item_seq_len.unsqueeze(1)], dim=1), dim=0, return_inverse=True
-        )
+        # Sampled protocols repeat each history once per candidate row: encode every distinct prompt once. A
+        # generative prompt lists its user's candidates, so its key is the user and the history (two users with
+        # one history are two prompts); a head prompt is the history alone (its score depends on nothing else).
+        key = [item_seq, item_seq_len.unsqueeze(1)]
+        if self.generative:
+            key.insert(0, interaction[self.USER_ID].unsqueeze(1))
+        prompts, row_to_history = torch.unique(torch.cat(key, dim=1), dim=0, return_inverse=True)
+        histories = prompts[:, 1:] if self.generative else prompts  # [U, L + 1]: the history and its length
         if self.generative:
             return self._predict_by_likelihood(interaction, histories, row_to_history)
         user_repr = self._encode_in_chunks(histories[:, :-1], histories[:, -1])  # [U, d]
@@ -322,12 +410,11 @@ class LLMSequentialRecommender(SequentialRecommender):
         if not bool((counts == counts[0]).all()):
             raise ValueError("Every history needs the same number of candidate rows (a sampled mode uni<N>).")
         candidates = items[order].view(histories.shape[0], -1)  # [U, C]
+        chunks = list(zip(histories.split(self.eval_batch_size), candidates.split(self.eval_batch_size), strict=True))
         scores = torch.cat(
             [
                 self._candidate_likelihood(seq[:, :-1], seq[:, -1], cands)
-                for seq, cands in zip(
-                    histories.split(self.eval_batch_size), candidates.split(self.eval_batch_size), strict=True
-                )
+                for seq, cands in self._progress(chunks, "LLM scoring")
             ]
         )  # [U, C]
         result = torch.empty_like(items, dtype=scores.dtype)
@@ -361,6 +448,16 @@ class LLMSequentialRecommender(SequentialRecommender):
         user_repr = self._encode_in_chunks(item_seq, item_seq_len)  # [B, d]
         return user_repr @ self.item_embeddings().t()  # [B, n_items]
 
+    def _progress(self, chunks, description):
+        """``chunks``, with a progress bar (remaining time included) when ``show_progress`` and there are several:
+        RecBole's evaluation bar counts its batches, and one batch of users can take minutes on a CPU."""
+        if not self.show_progress or len(chunks) < 2:
+            return chunks
+        from recbole.utils import set_color
+        from tqdm import tqdm
+
+        return tqdm(chunks, desc=set_color(description, "pink"), ncols=100, leave=False)
+
     # ----- checkpoints: trained parameters only ----------------------------------------------------------------
     def trainable_parameter_names(self):
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -384,4 +481,6 @@ class LLMSequentialRecommender(SequentialRecommender):
                 f"unexpected {sorted(unexpected)}."
             )
         state = {key: value for key, value in state_dict.items() if key in expected}
+        if self._encoding_cache is not None:
+            self._encoding_cache.clear()
         return super().load_state_dict(state, strict=False, assign=assign)

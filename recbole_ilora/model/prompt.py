@@ -1,18 +1,45 @@
-"""Prompts of item histories for an LLM, built as tensors (no per-batch Python string work).
+"""Prompts of item histories for an LLM: text a reader would write, tokenised as a whole.
 
-A prompt reads ``<bos> {prefix} {title_1} [e_1]{sep}{title_2} [e_2]{sep}... {title_n} [e_n] {suffix}``, where
-``prefix`` and ``suffix`` are the parts of ``prompt_template`` around ``{history}`` and ``[e_i]`` is one *slot*
-position whose input embedding the model replaces by the projected collaborative embedding of item ``i``
-(LLaRA/iLoRA's hybrid item representation). Titles are tokenised once per item at start-up; a batch is then a
-gather and a scatter. Prompts are left-padded so that the last prompt token sits at the last position of every row.
+A prompt is ``prompt_template`` with ``{history}`` (and, for generative prompts, ``{candidates}``) replaced by its
+item list, ``{title_1}<slot>{sep}{title_2}<slot>{sep}...{title_n}<slot>``, where ``<slot>`` is a special token
+registered in the backbone's tokenizer (:data:`SLOT_TOKEN`): the position whose input embedding the model replaces
+by the projected collaborative embedding of the item before it (LLaRA/iLoRA's hybrid item representation). The whole
+text, optionally inside the tokenizer's chat template as a user turn, is tokenised in one call, so the ids the
+backbone reads are exactly those of the prompt text, slot embeddings aside, for any tokenizer (byte-level BPE, which
+adds no leading spaces, and sentencepiece alike). Special tokens split the text, so a slot never merges with its
+neighbours, and the text after the last slot tokenises the same on its own: that is how each item's answer tokens
+(for teacher forcing and candidate scoring) are computed once at start-up. Prompts are left-padded so that the last
+prompt token sits at the last position of every row.
+
+Titles are shown as a reader writes them (``prompt_title_article_first``: "English Patient, The (1996)" is shown as
+"The English Patient (1996)") and cut to ``prompt_max_title_tokens`` tokens; the generative protocol matches answers
+against exactly these shown titles.
 """
 
+import re
 from dataclasses import dataclass
 from logging import getLogger
 
 import torch
 
 HISTORY_PLACEHOLDER = "{history}"
+SLOT_TOKEN = "<|item_slot|>"
+_CHAT_CONTENT = "\x00PROMPT\x00"
+# Articles that catalogues (ml-100k, MovieLens) move behind the title: "Shawshank Redemption, The (1994)".
+_TRAILING_ARTICLE = re.compile(
+    r"^(?P<title>.+?), (?P<article>The|A|An|La|Le|Les|L'|Il|Lo|Los|Las|El|Der|Die|Das|Un|Une|Una)"
+    r"(?P<rest>(?: \([^()]*\))*)$"
+)
+
+
+def move_article_first(title):
+    """``'English Patient, The (1996)'`` -> ``'The English Patient (1996)'``; other titles unchanged."""
+    match = _TRAILING_ARTICLE.match(title.strip())
+    if match is None:
+        return title
+    article = match["article"]
+    joiner = "" if article.endswith("'") else " "
+    return f"{article}{joiner}{match['title']}{match['rest']}"
 
 
 def item_texts(dataset, field):
@@ -51,12 +78,12 @@ def fill_missing_texts(texts, dataset):
     return [f"item {tokens[index]}" if index in missing else text for index, text in enumerate(texts)]
 
 
-def parse_template(template, placeholders=("history",), key="prompt_template"):
+def parse_template(template, placeholders=("history",), key="prompt_template", strip=True):
     """Split ``template`` around its placeholders (each of ``placeholders`` exactly once, e.g. ``{history}``).
 
     Returns:
-        tuple: ``(texts, order)``: the ``len(placeholders) + 1`` stripped texts around them, and the placeholder
-        names in the order they appear.
+        tuple: ``(texts, order)``: the ``len(placeholders) + 1`` texts around them (stripped when ``strip``), and the
+        placeholder names in the order they appear.
     """
     names = ", ".join("{" + name + "}" for name in placeholders)
     if not isinstance(template, str) or any(template.count("{" + name + "}") != 1 for name in placeholders):
@@ -65,8 +92,8 @@ def parse_template(template, placeholders=("history",), key="prompt_template"):
     texts, rest = [], template
     for name in order:
         before, rest = rest.split("{" + name + "}")
-        texts.append(before.strip())
-    texts.append(rest.strip())
+        texts.append(before.strip() if strip else before)
+    texts.append(rest.strip() if strip else rest)
     return texts, order
 
 
@@ -86,12 +113,54 @@ class PromptBatch:
     answer_mask: torch.Tensor | None = None  # [B, T] True on the answer's tokens (title and end of sequence)
 
 
+def register_slot_token(tokenizer):
+    """The id of :data:`SLOT_TOKEN` in ``tokenizer``, added as a special token (never split, never normalised) if
+    it is not there yet. Its id may lie beyond the backbone's embedding table: a slot's embedding is never looked up."""
+    from tokenizers import AddedToken
+
+    if SLOT_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(SLOT_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
+
+
+def leading_special_ids(tokenizer):
+    """The ids the tokenizer puts before a text of its own accord (Llama's ``<s>``; none for SmolLM2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    raise ValueError(f"Cannot tell which special tokens {type(tokenizer).__name__} adds around a text.")
+
+
+def chat_frame(tokenizer):
+    """``(before, after)``: the text of the tokenizer's chat template around one user turn, with the assistant's turn
+    opened (``add_generation_prompt``). Raises ``ValueError`` when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"The backbone's tokenizer ({type(tokenizer).__name__}) has no chat template.")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _CHAT_CONTENT}], tokenize=False, add_generation_prompt=True
+    )
+    if text.count(_CHAT_CONTENT) != 1:
+        raise ValueError("The backbone's chat template does not hold the user's message once.")
+    before, after = text.split(_CHAT_CONTENT)
+    return before, after
+
+
+def cut_title(tokenizer, text, max_tokens):
+    """``text`` cut to its first ``max_tokens`` tokens (tokenised on its own), as text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+
 class PromptBuilder(torch.nn.Module):
     """Turns ``(item_seq [B, L], item_seq_len [B])``, and for generative prompts a candidate list ``[B, C]`` and an
     answer item ``[B]``, into a :class:`PromptBatch`.
 
     Args:
-        tokenizer: the backbone's tokenizer.
+        tokenizer: the backbone's tokenizer (:data:`SLOT_TOKEN` is registered in it).
         texts: text of every internal item id (index 0 is padding).
         template: a prompt template with each of ``placeholders`` once (``{history}``; ``{candidates}`` too for
             generative prompts).
@@ -99,115 +168,129 @@ class PromptBuilder(torch.nn.Module):
         max_title_tokens: titles are cut to this many tokens (``prompt_max_title_tokens``).
         placeholders: the item lists the template holds.
         key: the configuration key of ``template``, for error messages.
+        chat: wrap the prompt in the tokenizer's chat template as a user turn (the answer is the assistant's turn).
     """
 
     def __init__(
-        self, tokenizer, texts, template, separator, max_title_tokens, placeholders=("history",), key="prompt_template"
+        self,
+        tokenizer,
+        texts,
+        template,
+        separator,
+        max_title_tokens,
+        placeholders=("history",),
+        key="prompt_template",
+        chat=False,
     ):
         super().__init__()
-        constants, self.order = parse_template(template, placeholders, key)
-
-        def encode(text):
-            return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.pieces, self.order = parse_template(template, placeholders, key, strip=False)
+        self.tokenizer = tokenizer
+        self.separator = separator
+        self.slot_token_id = register_slot_token(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
-        self.slot_id = self.pad_id
-        # Titles are tokenised on their own and so carry their leading word boundary; the separator's trailing
-        # spaces would double it.
-        separator_ids = encode(separator.rstrip(" "))
-        self.separator_length = len(separator_ids)
-        titles = [encode(text)[:max_title_tokens] for text in texts]
-        # Segment of item i in a list: its title tokens, one slot, the separator.
-        segments = [title + [self.slot_id] + separator_ids for title in titles]
-        table, lengths = _table(segments, self.pad_id)
-        self.register_buffer("segment_table", table, persistent=False)  # [n_items, S]
-        self.register_buffer("segment_length", lengths, persistent=False)  # [n_items]
-        self.register_buffer("slot_position", lengths - 1 - self.separator_length, persistent=False)  # [n_items]
-        # Answer of item i (generative prompts): its title tokens and the end-of-sequence token.
-        table, lengths = _table([title + [self.eos_id] for title in titles], self.pad_id)
+        self.frame = chat_frame(tokenizer) if chat else ("", "")
+        self.leading_ids = [] if chat else leading_special_ids(tokenizer)  # a chat template writes its own
+        self.titles = [cut_title(tokenizer, text, max_title_tokens) if text else "" for text in texts]  # as shown
+        # Answer of item i (generative prompts): the tokens that follow the prompt, its title and end of sequence.
+        self.answer_tail, self.answer_lead = self._answer_lead()
+        table, lengths = _table([self._answer_ids(title, key) for title in self.titles], self.pad_id)
         self.register_buffer("answer_table", table, persistent=False)  # [n_items, A]
         self.register_buffer("answer_length", lengths, persistent=False)  # [n_items]
-        for index, text in enumerate(constants):
-            ids = (bos if index == 0 else []) + encode(text)
-            self.register_buffer(f"text_{index}", torch.tensor(ids, dtype=torch.long), persistent=False)
-        self.num_texts = len(constants)
 
-    def _item_list(self, items, lengths):
-        """Tokens, kept-token mask and slot item ids of an item list, each ``[B, L * S]``."""
-        width, max_items = self.segment_table.shape[1], items.shape[1]
-        token_pos = torch.arange(width, device=items.device).view(1, 1, -1)  # [1, 1, S]
-        item_pos = torch.arange(max_items, device=items.device).unsqueeze(0)  # [1, L]
-        tokens = self.segment_table[items]  # [B, L, S]
-        seg_len = self.segment_length[items].unsqueeze(-1)  # [B, L, 1]
-        keep = (token_pos < seg_len) & (item_pos < lengths.unsqueeze(1)).unsqueeze(-1)  # [B, L, S]
-        # The last entry takes no trailing separator.
-        is_last = (item_pos == (lengths - 1).unsqueeze(1)).unsqueeze(-1)  # [B, L, 1]
-        keep &= ~(is_last & (token_pos >= seg_len - self.separator_length))
-        is_slot = token_pos == self.slot_position[items].unsqueeze(-1)  # [B, L, S]
-        slot_item = torch.where(is_slot, items.unsqueeze(-1), torch.zeros_like(tokens))  # [B, L, S]
-        return tokens.flatten(1), keep.flatten(1), slot_item.flatten(1)
+    # ----- text ------------------------------------------------------------------------------------------------
+    def item_list_text(self, items):
+        """``title<slot>{sep}title<slot>...`` of a list of item ids."""
+        return self.separator.join(self.titles[item] + SLOT_TOKEN for item in items)
 
-    def lengths(self, item_seq, item_seq_len, candidates=None, answers=None):
-        """Every row's prompt length in tokens, ``[B]`` (without building the prompt)."""
-        return self._pieces(item_seq, item_seq_len, candidates, answers)[1].sum(1)
+    def text(self, lists):
+        """The whole prompt text for ``lists`` (placeholder name -> item ids), chat frame included."""
+        parts = [self.pieces[0]]
+        for index, name in enumerate(self.order):
+            parts += [self.item_list_text(lists[name]), self.pieces[index + 1]]
+        return self.frame[0] + "".join(parts) + self.frame[1]
 
-    def _pieces(self, item_seq, item_seq_len, candidates, answers):
-        batch_size, device = item_seq.shape[0], item_seq.device
-        lists = {"history": (item_seq, item_seq_len)}
+    def _answer_lead(self):
+        """``(tail, lead)``: the prompt's text after its last slot, and what separates the answer from it: nothing
+        after white space (a chat turn ends in a newline), else one space ("Answer: The English Patient")."""
+        tail = self.text({name: [0] for name in self.order}).rsplit(SLOT_TOKEN, 1)[1]
+        return tail, ("" if not tail or tail[-1].isspace() else " ")
+
+    def _answer_ids(self, title, key):
+        """The ids of ``title`` as they follow the prompt when the whole text is tokenised, plus end of sequence.
+        The text after the prompt's last slot is tokenised on its own the same way (special tokens split the text),
+        so ``<slot> + tail + lead + title`` minus ``<slot> + tail`` gives them."""
+        if not title:
+            return [self.eos_id]
+        tail, lead = self.answer_tail, self.answer_lead
+        context = self.tokenizer(SLOT_TOKEN + tail, add_special_tokens=False)["input_ids"]
+        whole = self.tokenizer(SLOT_TOKEN + tail + lead + title, add_special_tokens=False)["input_ids"]
+        if whole[: len(context)] != context:
+            raise ValueError(
+                f"'{key}': the end of the prompt ({tail!r}) merges with the answer {title!r} into one token; end the "
+                "template with a word or punctuation the tokenizer keeps apart (e.g. 'Answer:')."
+            )
+        return whole[len(context) :] + [self.eos_id]
+
+    # ----- tensors ---------------------------------------------------------------------------------------------
+    def _rows(self, item_seq, item_seq_len, candidates):
+        """Per row: the item lists (placeholder name -> ids), in the template's order."""
+        histories = [seq[:length] for seq, length in zip(item_seq.tolist(), item_seq_len.tolist(), strict=True)]
+        lists = [{"history": history} for history in histories]
         if "candidates" in self.order:
             if candidates is None:
                 raise ValueError("This prompt template lists candidates: pass candidates [B, C].")
-            lists["candidates"] = (candidates, torch.full_like(item_seq_len, candidates.shape[1]))
-        tokens, keep, slots, answer = [], [], [], []
+            for row, cands in zip(lists, candidates.tolist(), strict=True):
+                row["candidates"] = cands
+        return lists
 
-        def add(piece_tokens, piece_keep, piece_slots, is_answer=False):
-            tokens.append(piece_tokens)
-            keep.append(piece_keep)
-            slots.append(piece_slots)
-            answer.append(torch.full_like(piece_keep, is_answer))
+    def token_ids(self, item_seq, item_seq_len, candidates=None):
+        """Every row's prompt token ids (slots as :data:`SLOT_TOKEN`'s id) and its slot items, as lists."""
+        rows = self._rows(item_seq, item_seq_len, candidates)
+        encoded = self.tokenizer([self.text(row) for row in rows], add_special_tokens=False)["input_ids"]
+        slot_items = [[item for name in self.order for item in row[name]] for row in rows]
+        return [self.leading_ids + ids for ids in encoded], slot_items
 
-        for index in range(self.num_texts):
-            text = getattr(self, f"text_{index}").expand(batch_size, -1)
-            add(text, torch.ones_like(text, dtype=torch.bool), torch.zeros_like(text))
-            if index < len(self.order):
-                add(*self._item_list(*lists[self.order[index]]))
-        if answers is not None:
-            answer_tokens = self.answer_table[answers]  # [B, A]
-            positions = torch.arange(answer_tokens.shape[1], device=device).unsqueeze(0)
-            answer_keep = positions < self.answer_length[answers].unsqueeze(1)
-            add(answer_tokens, answer_keep, torch.zeros_like(answer_tokens), is_answer=True)
-        return torch.cat(tokens, 1), torch.cat(keep, 1), torch.cat(slots, 1), torch.cat(answer, 1)
+    def lengths(self, item_seq, item_seq_len, candidates=None, answers=None):
+        """Every row's prompt length in tokens, ``[B]``."""
+        return self.forward(item_seq, item_seq_len, candidates, answers).attention_mask.sum(1)
 
     def forward(self, item_seq, item_seq_len, candidates=None, answers=None):
         """The prompt batch; ``candidates`` ``[B, C]`` fill ``{candidates}``; ``answers`` ``[B]`` append the answer
         title and end-of-sequence token (teacher forcing), marked by ``answer_mask``."""
-        batch_size, device = item_seq.shape[0], item_seq.device
-        content, content_keep, content_slot_item, content_answer = self._pieces(
-            item_seq, item_seq_len, candidates, answers
-        )  # [B, C] each
-
-        row_length = content_keep.sum(1)  # [B]
-        total = int(row_length.max())
-        # Left padding: the kept tokens of row b go to positions total - row_length[b] ... total - 1.
-        target = (total - row_length).unsqueeze(1) + content_keep.cumsum(1) - 1  # [B, C]
-        rows = torch.arange(batch_size, device=device).unsqueeze(1).expand_as(target)
-        rows, target = rows[content_keep], target[content_keep]
-
-        input_ids = torch.full((batch_size, total), self.pad_id, dtype=torch.long, device=device)
-        input_ids[rows, target] = content[content_keep]
-        slot_items = torch.zeros(batch_size, total, dtype=torch.long, device=device)
-        slot_items[rows, target] = content_slot_item[content_keep]
-        slot_mask = slot_items > 0  # listed items are never the padding item 0
-        attention_mask = torch.zeros(batch_size, total, dtype=torch.long, device=device)
-        attention_mask[rows, target] = 1
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        answer_mask = None
+        device = item_seq.device
+        rows, slot_items = self.token_ids(item_seq, item_seq_len, candidates)
+        answer_ids = [[] for _ in rows]
         if answers is not None:
-            answer_mask = torch.zeros(batch_size, total, dtype=torch.bool, device=device)
-            answer_mask[rows, target] = content_answer[content_keep]
-        return PromptBatch(input_ids, attention_mask, position_ids, slot_mask, slot_items[slot_mask], answer_mask)
+            answer_ids = [self.answer_table[item, : self.answer_length[item]].tolist() for item in answers.tolist()]
+        total = max(len(ids) + len(answer) for ids, answer in zip(rows, answer_ids, strict=True))
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, total), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch_size, total, dtype=torch.long)
+        answer_mask = torch.zeros(batch_size, total, dtype=torch.bool)
+        for row, (ids, answer) in enumerate(zip(rows, answer_ids, strict=True)):
+            start = total - len(ids) - len(answer)  # left padding
+            input_ids[row, start:] = torch.tensor(ids + answer, dtype=torch.long)
+            attention_mask[row, start:] = 1
+            answer_mask[row, total - len(answer) :] = bool(answer)
+        slot_mask = input_ids == self.slot_token_id
+        counts = slot_mask.sum(1).tolist()
+        for row, items in enumerate(slot_items):
+            if counts[row] != len(items):
+                raise ValueError(
+                    f"A prompt holds {counts[row]} slots for {len(items)} items: does a title contain {SLOT_TOKEN!r}?"
+                )
+        input_ids[slot_mask] = self.pad_id  # a placeholder: the slot's embedding is the item's, never looked up
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        flat_items = torch.tensor([item for items in slot_items for item in items], dtype=torch.long)
+        return PromptBatch(
+            input_ids.to(device),
+            attention_mask.to(device),
+            position_ids.to(device),
+            slot_mask.to(device),
+            flat_items.to(device),
+            answer_mask.to(device) if answers is not None else None,
+        )
 
 
 def _table(sequences, pad_id):
