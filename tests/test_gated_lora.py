@@ -208,3 +208,9 @@ def test_all_ones_gate_is_exactly_one_plain_lora_of_the_same_rank(llm_dir):
     with torch.no_grad():
         reference = plain(input_ids=ids).logits
     assert torch.allclose(gated, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_targets_without_lora_a_are_refused_rather_than_run_ungated(llm_dir):
+    # peft adapts an embedding with lora_embedding_A/B, outside the gate's reach
+    with pytest.raises(ValueError, match="'lora_target_modules': peft adapts 'base_model.model.model.embed_tokens'"):
+        MoELoRA(load(llm_dir, False), K, RANK_PER_EXPERT, ALPHA, 0.0, ["q_proj", "embed_tokens"])

@@ -58,7 +58,12 @@ class MoELoRA(torch.nn.Module):
         self._channel_gate = None  # [B, r] while inside gate(), else None
         self.lora_layers = {}
         for name, module in self.peft_model.named_modules():
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            if isinstance(module, LoraLayer) and ADAPTER_NAME not in module.lora_A:
+                raise ValueError(
+                    f"'lora_target_modules': peft adapts '{name}' ({type(module).__name__}) without a lora_A, so the "
+                    "gate could not reach it and it would run ungated; target linear layers only (e.g. q_proj, v_proj)."
+                )
+            if isinstance(module, LoraLayer):
                 if module.lora_variant.get(ADAPTER_NAME) is not None:
                     raise ValueError(f"Gated LoRA supports plain LoRA only; '{name}' uses a LoRA variant (e.g. DoRA).")
                 module.lora_A[ADAPTER_NAME].register_forward_hook(self._scale_rank_channels)
