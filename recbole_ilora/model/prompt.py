@@ -194,6 +194,7 @@ class PromptBuilder(torch.nn.Module):
         self.titles = [cut_title(tokenizer, text, max_title_tokens) if text else "" for text in texts]  # as shown
         # Answer of item i (generative prompts): the tokens that follow the prompt, its title and end of sequence.
         self.answer_tail, self.answer_lead = self._answer_lead()
+        self.answer_context = tokenizer(SLOT_TOKEN + self.answer_tail, add_special_tokens=False)["input_ids"]
         table, lengths = _table([self._answer_ids(title, key) for title in self.titles], self.pad_id)
         self.register_buffer("answer_table", table, persistent=False)  # [n_items, A]
         self.register_buffer("answer_length", lengths, persistent=False)  # [n_items]
@@ -223,7 +224,7 @@ class PromptBuilder(torch.nn.Module):
         if not title:
             return [self.eos_id]
         tail, lead = self.answer_tail, self.answer_lead
-        context = self.tokenizer(SLOT_TOKEN + tail, add_special_tokens=False)["input_ids"]
+        context = self.answer_context
         whole = self.tokenizer(SLOT_TOKEN + tail + lead + title, add_special_tokens=False)["input_ids"]
         if whole[: len(context)] != context:
             raise ValueError(
