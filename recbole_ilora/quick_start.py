@@ -263,6 +263,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
         )
         timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
+        epochs_run = max(trainer.train_loss_dict) + 1 if trainer.train_loss_dict else trainer.start_epoch
         started = time.perf_counter()
         # Every test mode scores the same test histories with the same weights: an LLM model encodes each once.
         reuse = model.reusing_encodings() if isinstance(model, LLMSequentialRecommender) else contextlib.nullcontext()
@@ -289,6 +290,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "generative_result": generative_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
         "timings": timings,
+        "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
+        "stopped_early": epochs_run < config["epochs"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
