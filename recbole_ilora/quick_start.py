@@ -29,6 +29,7 @@ import recbole
 import torch
 import yaml
 from recbole.data import create_dataset, data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import InputType, ModelType, get_environment, init_logger, init_seed, set_color
 
@@ -81,13 +82,42 @@ def own_checkpoint_file(config, trainer, saved=True):
             release_unused_file(claimed)
 
 
+def prepare_data(config, dataset):
+    """RecBole's ``data_preparation``, with full-sort loaders bounded by ``full_sort_max_scores``
+    (:func:`bounded_full_sort`)."""
+    return tuple(bounded_full_sort(config, loader) for loader in data_preparation(config, dataset))
+
+
+def bounded_full_sort(config, loader):
+    """``loader``, or, if it is a full-sort evaluation loader whose batches would score more than
+    ``full_sort_max_scores`` (users x items), the same loader with fewer users per batch.
+
+    RecBole's sequential full-sort loader takes ``eval_batch_size`` users per batch, and every model returns a score
+    for every item of each user (``full_sort_predict``, ``[users, items]``), which the evaluator then masks and ranks:
+    at 1M items the default 4096 users ask for 16 GB of float32 in one batch. The batch, not the product, is what
+    has to shrink, since the scores of a whole batch are held at once; each user's scores do not depend on it."""
+    if not isinstance(loader, FullSortEvalDataLoader) or not config["full_sort_max_scores"]:
+        return loader
+    items = loader._dataset.item_num
+    users = max(1, int(config["full_sort_max_scores"]) // items)
+    if not loader.is_sequential or loader.step <= users:  # RecBole's general layout already counts scores
+        return loader
+    bounded = copy.copy(config)
+    bounded.final_config_dict = {**config.final_config_dict, "eval_batch_size": users}
+    getLogger().info(
+        f"full ranking: {users} users per evaluation batch ({users * items:,} scores; full_sort_max_scores = "
+        f"{config['full_sort_max_scores']:,}) instead of eval_batch_size = {loader.step}"
+    )
+    return FullSortEvalDataLoader(bounded, loader._dataset, loader._sampler, shuffle=False)
+
+
 def pretrain_sasrec(config, show_progress=False):
     """Train RecBole's SASRec on the configured dataset and split with the ``sasrec_*`` keys; returns the best
     checkpoint's path. The dataset is created anew (RecBole's ``data_preparation`` consumes a dataset)."""
     logger = getLogger()
     sasrec_config = sasrec_pretraining_config(config)
     logger.info(set_color("Pretraining the SASRec encoder", "green") + " (no 'sasrec_checkpoint' given)")
-    train_data, valid_data, _ = data_preparation(sasrec_config, create_dataset(sasrec_config))
+    train_data, valid_data, _ = prepare_data(sasrec_config, create_dataset(sasrec_config))
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model("SASRec")(sasrec_config, train_data._dataset).to(config["device"])
     trainer = get_trainer(sasrec_config["MODEL_TYPE"], "SASRec")(sasrec_config, model)
@@ -212,7 +242,8 @@ def protocol_test_data(config, mode):
     dataset = create_dataset(test_config)
     built_datasets = dataset.build()
     _, _, test_sampler = create_samplers(test_config, dataset, built_datasets)
-    return get_dataloader(test_config, "test")(test_config, built_datasets[2], test_sampler, shuffle=False)
+    loader = get_dataloader(test_config, "test")(test_config, built_datasets[2], test_sampler, shuffle=False)
+    return bounded_full_sort(test_config, loader)
 
 
 def evaluate_test_modes(config, trainer, show_progress=False):
@@ -243,7 +274,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
     dataset = create_filtered_dataset(config)
     if verbose:
         logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    train_data, valid_data, test_data = prepare_data(config, dataset)
     timings["data_preparation"] = time.perf_counter() - started
     show_progress = config["show_progress"] if verbose else False
 
@@ -408,7 +439,7 @@ def load_data_and_model(model_file):
         os.remove(file.name)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    train_data, valid_data, test_data = prepare_data(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if hasattr(model, "attach_splits"):

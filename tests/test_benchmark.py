@@ -15,9 +15,10 @@ from recbole.utils import init_seed
 
 from recbole_ilora.gate_report import plot_routing, uniform_records
 from recbole_ilora.model.sequence_encoder import read_sasrec_checkpoint
-from recbole_ilora.quick_start import objective_function, protocol_test_data
+from recbole_ilora.quick_start import load_data_and_model, objective_function, protocol_test_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FULL_METRIC_NAMES = ["recall", "mrr", "ndcg", "hit"]  # properties/dataset/lastfm.yaml's metrics
 
 
 def candidate_rows(config, mode="uni19"):
@@ -60,9 +61,27 @@ def test_test_modes_full_equals_recboles_own_test_and_adds_uni19():
     result = objective_function(config_dict=config)
     assert result["test_results"]["full"] == result["test_result"]  # the same loader RecBole builds itself
     uni19 = result["test_results"]["uni19"]
-    assert 0.0 <= uni19["hit@1"] <= uni19["hit@5"] <= uni19["hit@10"] <= 1.0
     assert uni19["hit@10"] > result["test_result"]["hit@10"]  # 20 candidates are easier than all 1,461 items
+    # uni19's Hit@1 recomputed here from the saved model's scores of the very candidates the loader gave
+    _, model, *_ = load_data_and_model(result["saved_model_file"])
+    test_config = tiny_config("SASRec", epochs=2, test_modes=["full", "uni19"])
+    first, users = {}, {}
+    with torch.no_grad():
+        for interaction, _, _, _ in _loader_batches(test_config):
+            scores = model.predict(interaction)
+            for user, item, score in zip(interaction["user_id"].tolist(), interaction["item_id"].tolist(), scores):
+                first.setdefault(user, (item, float(score)))  # each user's first row is its target
+                users.setdefault(user, []).append(float(score))
+    hits = [first[user][1] > max(scores[1:]) for user, scores in users.items()]
+    assert len(hits) == 40 and uni19["hit@1"] == pytest.approx(sum(hits) / len(hits))
+    assert 0 < sum(hits) < 40  # neither every user nor none: the comparison means something
     assert result["trainable_parameters"] == sum(p.numel() for p in _sasrec_parameters(result))
+
+
+def _loader_batches(config, mode="uni19"):
+    test_data = protocol_test_data(config, mode)
+    init_seed(config["seed"], config["reproducibility"])  # as the runner does before testing each mode
+    return list(test_data)
 
 
 def _sasrec_parameters(result):
@@ -95,7 +114,10 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     for record in records.values():
         assert record["seed"] == 2020 and record["wall_seconds"] > 0 and record["trainable_parameters"] > 0
         assert set(record["test"]) == {"full", "uni19"}
-        assert all(0.0 <= value <= 1.0 for mode in record["test"].values() for value in mode.values())
+        assert set(record["test"]["full"]) == {f"{m}@{k}" for m in FULL_METRIC_NAMES for k in (1, 5, 10, 20)}
+        assert record["epochs_cap"] == 2 and 1 <= record["epochs_run"] <= 2  # quick.yaml's cap, recorded
+        assert record["stopped_early"] == (record["epochs_run"] < 2)
+    assert records["iLoRA"]["backbone"] == "embedded" and records["Pop"]["backbone"] is None
     assert records["iLoRA"]["sasrec_checkpoint"] == records["SASRec-encoder"]["saved_model_file"]
     copy = runs / "encoders" / os.path.basename(records["SASRec-encoder"]["saved_model_file"])
     kept = read_sasrec_checkpoint(copy)  # the encoder, committed with the results: loadable by an LLM row

@@ -55,3 +55,32 @@ def test_pairwise_models_train_through_the_runner(model):
     assert Config(model="SASRec", config_dict=settings)["train_neg_sample_args"]["distribution"] == "none"
     result = objective_function(config_dict={**settings, "model": model, "epochs": 1})
     assert result["model"] == model and "ndcg@10" in result["test_result"]  # it trained and tested (it used to crash)
+
+
+def test_full_ranking_batches_are_bounded_by_full_sort_max_scores_and_rank_alike(sasrec_checkpoint):
+    """RecBole's sequential full-sort loader takes eval_batch_size users per batch whatever the catalogue; the runner
+    takes fewer where users x items would exceed full_sort_max_scores, and every metric stays the same."""
+    import copy
+
+    from recbole_ilora.quick_start import bounded_full_sort, load_data_and_model, protocol_test_data
+    from recbole_ilora.utils import get_trainer
+
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(sasrec_checkpoint)
+    items = dataset.item_num
+    assert test_data.step == config["eval_batch_size"] == 256  # the tiny fixture's 40 users fit in one batch
+
+    small = copy.deepcopy(config)
+    small["full_sort_max_scores"] = 3 * items + 1  # three users' scores per batch
+    bounded = bounded_full_sort(small, test_data)
+    assert bounded.step == 3 and bounded is not test_data
+    assert protocol_test_data(small, "full").step == 3  # the test modes' loaders too
+    assert protocol_test_data(small, "uni19").step == protocol_test_data(config, "uni19").step  # scores 20 per user
+    batches = [len(interaction) for interaction, *_ in bounded]
+    assert max(batches) == 3 and sum(batches) == 40
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    whole = trainer.evaluate(test_data, load_best_model=False)
+    assert trainer.evaluate(bounded, load_best_model=False) == whole
+    assert trainer.evaluate(bounded_full_sort(small, valid_data), load_best_model=False) == trainer.evaluate(
+        valid_data, load_best_model=False
+    )
