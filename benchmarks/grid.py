@@ -72,12 +72,26 @@ ROWS = {
     "iLoRA-gate-prompt_mean": ("llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA, 4x2, gate on the prompt mean"),
     "UniformLoRA-generative": ("llm", "UniformLoRA", {}, "UniformLoRA trained and tested the paper's way (generative)"),
     "iLoRA-generative": ("llm", "iLoRA", {}, "iLoRA trained and tested the paper's way (generative)"),
-}
+    "iLoRA-K1-generative": ("llm", "iLoRA", {"lora_num_experts": 1, "lora_expert_rank": 8}, "iLoRA-K1, the paper's way"),
+    "iLoRA-K2-generative": ("llm", "iLoRA", {"lora_num_experts": 2, "lora_expert_rank": 4}, "iLoRA-K2, the paper's way"),
+    "iLoRA-K8-generative": ("llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA-K8, the paper's way"),
+    "iLoRA-gate-uniform-generative": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA-gate-uniform, the paper's way"),
+    "iLoRA-gate-prompt_mean-generative": (
+        "llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA-gate-prompt_mean, the paper's way"
+    ),
+}  # fmt: skip
 # Rows with the paper's own protocol: properties/generative.yaml (candidates in the prompt, LM loss on the title).
-GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative"]
+GENERATIVE_ABLATIONS = [
+    "iLoRA-K1-generative", "iLoRA-K2-generative", "iLoRA-K8-generative", "iLoRA-gate-uniform-generative",
+    "iLoRA-gate-prompt_mean-generative",
+]  # fmt: skip
+GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative", *GENERATIVE_ABLATIONS]
 GENERATIVE_PROPERTIES = PROPERTIES / "generative.yaml"
 HEAD_ROWS = [row for row in ROWS if row not in GENERATIVE_ROWS]
-ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
+HEAD_ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
+ABLATIONS = HEAD_ABLATIONS + GENERATIVE_ABLATIONS
+# Rows run on some datasets only: the paper's-protocol ablations on ml-100k (issue 19's budget).
+ROW_DATASETS = {row: {"ml-100k"} for row in GENERATIVE_ABLATIONS}
 QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform", "iLoRA-generative"]
 GATE_PLOT_ROWS = ["iLoRA", "iLoRA-gate-prompt_mean", "iLoRA-gate-uniform"]
 DATASETS = {  # name: data_path relative to the repository (None: RecBole's bundled data)
@@ -168,7 +182,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE):
     runs = []
     for seed in seeds:
         for dataset in datasets:
-            wanted = list(rows)
+            wanted = [row for row in rows if dataset in ROW_DATASETS.get(row, {dataset})]
             if any(ROWS[row][0] == "llm" for row in wanted) and "SASRec-encoder" not in wanted:
                 wanted.insert(0, "SASRec-encoder")
             wanted.sort(key=lambda row: list(ROWS).index(row))
@@ -550,6 +564,7 @@ def recorded_runs(planned, output):
     for run in planned:
         if run_file(output, run).exists():
             record = json.loads(run_file(output, run).read_text())
+            record["_path"] = str(run_file(output, run))  # its generations and gates lie next to it
             (stale if trained_with_another_encoder(output, run, record) else done).append(record)
     return done, stale
 
@@ -756,6 +771,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "",
         answers_table(by_row, output) or "No generative run has finished.",
         "",
+        *([] if quick else claims_lines(dataset, planned, by_row, output)),
         "## Does the gate differentiate users?",
         "",
         "Gate weights of every test user, from the best checkpoint of each run (`runs/<run>.gates.jsonl`). A gate "
@@ -829,6 +845,44 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
             *retrained,
         ]
     return "\n".join(out) + "\n"
+
+
+def training_budget():
+    """The LLM rows' training budget in words, from the shipped defaults they run with."""
+    import yaml
+
+    shipped = yaml.safe_load((PROPERTIES / "model" / "iLoRA.yaml").read_text(encoding="utf-8"))
+    per_user = shipped["llm_train_sequences_per_user"]
+    sequences = "every training sequence" if per_user is None else f"each user's {per_user} most recent training "
+    sequences += "" if per_user is None else ("sequence" if per_user == 1 else "sequences")
+    return f"{shipped['epochs']} epoch(s) on {sequences}, batch {shipped['train_batch_size']}, for every LLM row"
+
+
+def claims_lines(dataset, planned, by_row, output):
+    """The claims table and the targets (benchmarks/claims.py), with the SASRec encoder ranking the very candidates of
+    each generative iLoRA run (computed once, cached next to the run)."""
+    import claims
+
+    encoder_results = {}
+    for record in by_row.get("iLoRA-generative", []):
+        run = next(r for r in planned if r["run_id"] == record["run_id"])
+        encoder_path = run_file(output, {"dataset": dataset, "run_id": run["encoder"]})
+        generations = Path(record["_path"]).with_suffix(".generations.jsonl.gz")
+        checkpoint = encoder_checkpoint(encoder_path) if encoder_path.exists() else None
+        if checkpoint and generations.exists():
+            cache = Path(record["_path"]).with_suffix(".encoder-on-candidates.json")
+            encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache)
+    backbone = next((run["backbone"] for run in planned if run.get("backbone")), DEFAULT_BACKBONE)
+    lines = claims.claims_section(dataset, by_row, backbone, training_budget())
+    lines += ["", *claims.targets_section(dataset, by_row, encoder_results)]
+    return [*lines, ""]
+
+
+def default_rows(backbone):
+    """The rows a grid of ``backbone`` runs by default: the embedded backbone's ablations ran the scoring head; the
+    pretrained one's run the paper's protocol (``-generative``), where the paper measured them."""
+    left_out = GENERATIVE_ABLATIONS if backbone == "embedded" else HEAD_ABLATIONS
+    return [row for row in ROWS if row not in left_out]
 
 
 def backbone_line(planned):
@@ -935,9 +989,9 @@ def main():
     for dataset in datasets:
         if dataset not in known:
             parser.error(f"unknown dataset {dataset!r} for this grid; choose from {list(known)}")
-    rows = args.rows or (QUICK_ROWS if args.quick else list(ROWS))
-    seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
     backbone = args.backbone or (QUICK_BACKBONE if args.quick else DEFAULT_BACKBONE)
+    rows = args.rows or (QUICK_ROWS if args.quick else default_rows(backbone))
+    seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
     if args.output:
         output = Path(args.output).resolve()
     else:
@@ -948,7 +1002,7 @@ def main():
     runs = plan(datasets, rows, seeds, args.quick, backbone)
     # The reports always cover the whole default grid of these datasets (missing runs shown as such), so that running
     # a subset of rows or seeds never drops finished rows from the tables.
-    report_rows = sorted(set(rows) | set(QUICK_ROWS if args.quick else ROWS), key=list(ROWS).index)
+    report_rows = sorted(set(rows) | set(QUICK_ROWS if args.quick else default_rows(backbone)), key=list(ROWS).index)
     report_seeds = sorted(set(seeds) | set(SEEDS[:1] if args.quick else SEEDS))
     report_runs = plan(datasets, report_rows, report_seeds, args.quick, backbone)
     if args.status:
