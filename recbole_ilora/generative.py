@@ -120,6 +120,7 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
                     "candidate_ids": ids,
                     "candidates": titles,
                     "target": titles[target_index],
+                    "target_id": ids[target_index],
                     "output": output,
                     "named": [titles[index] for index in named],
                     "valid": valid,

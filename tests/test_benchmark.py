@@ -4,6 +4,7 @@ all models, and a tiny resumable grid run checking the files it writes."""
 import gzip
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -378,3 +379,72 @@ def test_generative_table_leaves_an_undefined_hr_at_1_valid_out_of_the_mean(monk
         "| iLoRA-generative | 3 | 0.0020 ± 0.0020 | **0.7500 ± 0.3536** (2 of 3 seeds) | "
         "**0.0013 ± 0.0012** | 10 | 1.0 | 1.0 |"
     )
+
+
+def _generations(path, correct):
+    with gzip.open(path, "wt", encoding="utf-8") as file:
+        for user, is_correct in correct.items():
+            file.write(json.dumps({"user_id": user, "correct": is_correct, "valid": True}) + "\n")
+
+
+def test_claims_compare_one_seed_user_by_user_and_several_seeds_in_stds(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    users = [str(u) for u in range(100)]
+    # iLoRA answers 30 users right, UniformLoRA 10 of them: a paired difference of 0.2 over 100 users
+    ilora = {u: int(u) < 30 for u in users}
+    uniform = {u: int(u) < 10 for u in users}
+    for name, correct in (("iLoRA-generative", ilora), ("UniformLoRA-generative", uniform)):
+        _generations(tmp_path / f"{name}.generations.jsonl.gz", correct)
+
+    def record(name, seed, hr):
+        return {"row": name, "seed": seed, "_path": str(tmp_path / f"{name}.json"), "trainable_parameters": 10,
+                "generative": {"valid_ratio": 1.0, "hr@1_valid": hr, "hr@1_all": hr}}  # fmt: skip
+
+    one_seed = {"iLoRA-generative": [record("iLoRA-generative", 2020, 0.3)],
+                "UniformLoRA-generative": [record("UniformLoRA-generative", 2020, 0.1)]}  # fmt: skip
+    result = claims.compare_rows(one_seed, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
+    se = statistics.stdev([int(ilora[u]) - int(uniform[u]) for u in users]) / 10
+    assert f"+0.2000 ± {se:.4f}" in result["figure"] and f"z = {0.2 / se:+.1f}" in result["figure"]
+    assert result["verdict"] == "reproduced"  # z = 5
+    assert claims.compare_rows(one_seed, "UniformLoRA-generative", ["iLoRA-generative"], claims.hr1_all, "HR@1 (all)")[
+        "verdict"
+    ].startswith("not reproduced")
+
+    seeds = {row: [record(row, s, hr + 0.01 * k) for k, s in enumerate((2020, 2021, 2022))]
+             for row, hr in (("iLoRA-generative", 0.30), ("UniformLoRA-generative", 0.29))}  # fmt: skip
+    close = claims.compare_rows(seeds, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
+    assert "d = +1.0" in close["figure"] and close["verdict"].startswith("not distinguishable")  # 0.01 / std 0.01
+    assert claims.parameter_claim({"iLoRA": [{"trainable_parameters": 1005}],
+                                   "UniformLoRA": [{"trainable_parameters": 1000}]})["verdict"] == "reproduced"  # fmt: skip
+
+
+def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them(sasrec_checkpoint, tmp_path):
+    monkeypatch_path = str(REPO_ROOT / "benchmarks")
+    sys.path.insert(0, monkeypatch_path)
+    try:
+        import claims
+    finally:
+        sys.path.remove(monkeypatch_path)
+    _, model, dataset, _, _, test_data = load_data_and_model(sasrec_checkpoint)
+    lines, expected = [], {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for interaction, _, _, _ in test_data:
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+            for row, user in enumerate(interaction["user_id"].tolist()):
+                target = int(interaction["item_id"][row])
+                others = [i for i in torch.randperm(dataset.item_num - 1, generator=generator)[:25].add(1).tolist()
+                          if i != target][:19]  # fmt: skip
+                candidates = others[:7] + [target] + others[7:]
+                token = str(dataset.id2token("user_id", user))
+                lines.append({"user_id": token, "candidate_ids": candidates})
+                expected[token] = bool(candidates[int(scores[row, candidates].argmax())] == target)
+    path = tmp_path / "run.generations.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as file:
+        file.writelines(json.dumps(line) + "\n" for line in lines)
+    result = claims.encoder_on_candidates(path, sasrec_checkpoint, tmp_path / "cache.json")
+    assert result["per_user"] == expected and result["users"] == 40
+    assert 0 < sum(expected.values()) < 40  # some right, some wrong: the comparison can fail
+    assert claims.encoder_on_candidates(path, "no-such-file", tmp_path / "cache.json") == result  # cached
