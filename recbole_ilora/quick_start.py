@@ -35,6 +35,7 @@ from recbole.utils import InputType, ModelType, get_environment, init_logger, in
 
 from recbole_ilora._compat import safe_load
 from recbole_ilora.config import Config
+from recbole_ilora.lapse import apply_lapse, check_lapse_config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.trainer import (
     claim_checkpoint_file,
@@ -85,6 +86,7 @@ def own_checkpoint_file(config, trainer, saved=True):
 def prepare_data(config, dataset):
     """RecBole's ``data_preparation``, with full-sort loaders bounded by ``full_sort_max_scores``
     (:func:`bounded_full_sort`)."""
+    apply_lapse(config, dataset)  # the lapse protocol's split, when 'lapse' is set
     return tuple(bounded_full_sort(config, loader) for loader in data_preparation(config, dataset))
 
 
@@ -231,15 +233,16 @@ def budget_training_data(config, train_data):
     return get_dataloader(config, "train")(config, subset, train_data._sampler, shuffle=config["shuffle"])
 
 
-def protocol_test_data(config, mode):
+def protocol_test_data(config, mode, test_split="lapse"):
     """RecBole's test loader for ``config``'s dataset and split, evaluated under ``mode`` ('full', 'uni19',
-    'pop100', ...), in the sequential layout whatever the model (see the module docstring)."""
+    'pop100', ...), in the sequential layout whatever the model (see the module docstring). Under the lapse
+    protocol (``lapse`` set), ``test_split`` picks the test with lapse (RecBole's test) or 'no_lapse'."""
     test_config = copy.deepcopy(config)
     test_config["eval_args"] = {**config["eval_args"], "mode": {**config["eval_args"]["mode"], "test": mode}}
     test_config._set_eval_neg_sample_args("test")
     test_config["MODEL_TYPE"] = ModelType.SEQUENTIAL
     test_config["repeatable"] = True
-    dataset = create_dataset(test_config)
+    dataset = apply_lapse(test_config, create_dataset(test_config), test_split)
     built_datasets = dataset.build()
     _, _, test_sampler = create_samplers(test_config, dataset, built_datasets)
     loader = get_dataloader(test_config, "test")(test_config, built_datasets[2], test_sampler, shuffle=False)
@@ -258,7 +261,28 @@ def evaluate_test_modes(config, trainer, show_progress=False):
         init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates for every model
         results[mode] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
         getLogger().info(set_color(f"test result ({mode})", "yellow") + f": {results[mode]}")
+        if config["lapse"] is not None:  # the same mode on the test without lapse
+            name = f"{mode}_no_lapse"
+            test_data = protocol_test_data(config, mode, "no_lapse")
+            init_seed(config["seed"], config["reproducibility"])
+            results[name] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+            getLogger().info(set_color(f"test result ({mode}, without lapse)", "yellow") + f": {results[name]}")
     return results
+
+
+def lapse_drops(test_results):
+    """Under the lapse protocol: for each mode, every metric's relative drop from the test without lapse to the test
+    with lapse, ``(no lapse - with lapse) / no lapse`` (None where the first is 0)."""
+    drops = {}
+    for mode, metrics in test_results.items():
+        if mode.endswith("_no_lapse") or f"{mode}_no_lapse" not in test_results:
+            continue
+        before = test_results[f"{mode}_no_lapse"]
+        drops[mode] = {
+            metric: (before[metric] - value) / before[metric] if before[metric] else None
+            for metric, value in metrics.items()
+        }
+    return drops
 
 
 def train_and_evaluate(config, saved=True, verbose=True):
@@ -269,6 +293,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
     if issubclass(model_class, LLMSequentialRecommender):
         model_class.check_config(config)  # before any data is prepared
     check_dataset(config)
+    check_lapse_config(config)
     check_resume(config)
     started = time.perf_counter()
     dataset = create_filtered_dataset(config)
@@ -319,6 +344,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "test_result": test_result,
         "test_results": test_results,
         "generative_result": generative_result,
+        "lapse_drops": lapse_drops(test_results),  # {} unless 'lapse' is set
         "saved_model_file": trainer.saved_model_file if saved else None,
         "timings": timings,
         "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
