@@ -64,6 +64,12 @@ class Config(RecBoleConfig):
         if uses_ce and "train_neg_sample_args" not in self.external_config_dict:
             settings["train_neg_sample_args"] = None
         super()._set_default_parameters()
+        # A plugin model may take a pairwise loss RecBole does not know by name (CaseQ's BCE with one negative):
+        # RecBole then sets no input type; the model's PAIRWISE_LOSS_TYPES says it reads a sampled negative.
+        if settings.get("loss_type") in getattr(self.model_class, "PAIRWISE_LOSS_TYPES", ()):
+            from recbole.utils import InputType
+
+            settings["MODEL_INPUT_TYPE"] = InputType.PAIRWISE
         given = self.external_config_dict.get("data_path")
         if self.dataset == "ml-100k" and given:
             self.final_config_dict["data_path"] = os.path.join(given, self.dataset)

@@ -8,7 +8,8 @@ from recbole_ilora import _compat
 
 _compat.apply()
 
+from recbole_ilora.model.caseq import CaseQ  # noqa: E402
 from recbole_ilora.model.ilora import iLoRA  # noqa: E402
 from recbole_ilora.model.uniform_lora import UniformLoRA  # noqa: E402
 
-__all__ = ["iLoRA", "UniformLoRA"]
+__all__ = ["CaseQ", "iLoRA", "UniformLoRA"]
