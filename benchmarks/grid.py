@@ -54,6 +54,7 @@ PROPERTIES = REPO / "properties"
 BASELINE_BUDGET = PROPERTIES / "benchmark" / "baselines.yaml"
 ENCODER_BUDGET = PROPERTIES / "benchmark" / "encoder.yaml"
 QUICK = PROPERTIES / "benchmark" / "quick.yaml"
+LAPSE_PROPERTIES = PROPERTIES / "benchmark" / "lapse.yaml"
 
 # name: (kind, model, overrides, description)
 ROWS = {
@@ -62,6 +63,8 @@ ROWS = {
     "Caser": ("baseline", "Caser", {}, "RecBole Caser"),
     "SASRec": ("baseline", "SASRec", {}, "RecBole SASRec"),
     "BERT4Rec": ("baseline", "BERT4Rec", {}, "RecBole BERT4Rec"),
+    "CaseQ": ("baseline", "CaseQ", {}, "CaseQ, attention context units (C = 3, 2 layers; the paper's)"),
+    "CaseQ-gru": ("baseline", "CaseQ", {"context_unit": "gru"}, "CaseQ, GRU context units (C = 3, 2 layers)"),
     "SASRec-encoder": ("encoder", "iLoRA", {}, "RecBole SASRec with iLoRA's sasrec_* keys: every LLM row's encoder"),
     "UniformLoRA": ("llm", "UniformLoRA", {}, "one LoRA of rank 8 for every user (iLoRA minus the gate)"),
     "iLoRA": ("llm", "iLoRA", {}, "iLoRA: 4 experts x rank 2, SASRec gate (the paper's)"),
@@ -107,6 +110,11 @@ BACKBONES = {
     "embedded": "a random 2-layer LLaMA without language knowledge (the architecture alone)",
 }
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
+# The lapse protocol's rows (--protocol lapse, results/lapse/): CaseQ with each unit next to its backbone's model,
+# and iLoRA (with its encoder trained on the lapse split).
+LAPSE_ROWS = ["GRU4Rec", "SASRec", "CaseQ", "CaseQ-gru", "SASRec-encoder", "iLoRA"]
+QUICK_LAPSE = 3
+LAPSE_METRICS = ["ndcg@10", "hit@10"]
 QUICK_BACKBONE = "embedded"
 # The embedded backbone's rows recorded before the pretrained default (commit 8ebdd43 and earlier), with their own
 # reports; a later code changed the prompts and budgets they used, so they are kept as they are, not re-planned.
@@ -129,7 +137,7 @@ GENERATIVE_METRICS = ["valid_ratio", "hr@1_valid", "hr@1_all"]
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def config_files(dataset, kind, quick, row=None):
+def config_files(dataset, kind, quick, row=None, protocol="standard"):
     """Property files of a run, lowest precedence first (the plugin's Config adds the model's and dataset's own)."""
     files = []
     if quick:
@@ -140,6 +148,8 @@ def config_files(dataset, kind, quick, row=None):
         files.append(ENCODER_BUDGET)
     if row in GENERATIVE_ROWS:
         files.append(GENERATIVE_PROPERTIES)
+    if protocol == "lapse":
+        files.append(LAPSE_PROPERTIES)
     if quick:
         files.append(QUICK)
     return [str(path) for path in files]
@@ -173,7 +183,7 @@ def config_hash(config, extra=""):
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE):
+def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="standard"):
     """Every run of the grid: the main rows of every seed first, then the generative rows, then the ablations (so that
     a partial grid already compares iLoRA, UniformLoRA and the baselines over seeds under both protocols); encoders
     before the LLM rows that need them."""
@@ -192,10 +202,12 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE):
                 config_dict = {"seed": seed, "show_progress": False, **overrides}
                 if kind == "llm":
                     config_dict["llm_backbone"] = backbone
+                if protocol == "lapse" and quick:
+                    config_dict["lapse"] = QUICK_LAPSE  # the 40 users of the fixture are too short for 30
                 path = data_path(dataset, quick)
                 if path:
                     config_dict["data_path"] = path
-                files = config_files(dataset, kind, quick, row)
+                files = config_files(dataset, kind, quick, row, protocol)
                 config = resolve_config(model, dataset, files, config_dict)
                 if kind == "encoder":
                     config = sasrec_pretraining_config(config)
@@ -463,6 +475,7 @@ def worker(spec_path):
         "valid": dict(result["best_valid_result"]),
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
         "generative": result["generative_result"],
+        "lapse_drops": result["lapse_drops"],
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
     }
@@ -555,6 +568,81 @@ def report(runs, output, quick):
             plot_rows(dataset, by_row, Path(output, f"{dataset}.png"))
             plot_gates(dataset, by_row, output, Path(output, f"{dataset}.gates.png"))
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def lapse_report(runs, output, quick):
+    """Write ``<output>/<dataset>.md`` for the lapse protocol: both tests per mode, the relative drop, CaseQ's claim."""
+    for dataset in dict.fromkeys(run["dataset"] for run in runs):
+        planned = [run for run in runs if run["dataset"] == dataset]
+        done, _ = recorded_runs(planned, output)
+        rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
+        by_row = {row: [record for record in done if record["row"] == row] for row in rows}
+        Path(output, f"{dataset}.md").write_text(render_lapse(dataset, planned, by_row, quick, done), encoding="utf-8")
+        print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def render_lapse(dataset, planned, by_row, quick, done):
+    import claims
+
+    seeds = sorted({run["seed"] for run in planned})
+    lapse = QUICK_LAPSE if quick else 30
+    command = "python benchmarks/grid.py --protocol lapse" + (" --quick" if quick else "")
+    command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
+    modes = ["full", "uni100"]
+    out = [f"# {dataset} under temporal shift: the lapse protocol (L = {lapse})", ""]
+    out += incomplete_grid_lines(len(done), len(planned), 0)
+    out += [
+        f"Produced by `{command}`; commits {', '.join(sorted({r['commit'] for r in done})) or '–'}, on "
+        f"{'; '.join(sorted({r['hardware'] for r in done})) or '–'}. Each user's events in time order: training on "
+        f"all but the last {2 + lapse}, validation (early stopping, full NDCG@10) on event -{2 + lapse}, test "
+        f"without lapse on event -{1 + lapse}, test with lapse on the last event from the full history "
+        "(`recbole_ilora/lapse.py`); users with fewer events are trained on and not evaluated. Drop: (without - "
+        "with) / without, per seed, then mean ± std over seeds. RecBole's models train until early stopping fires "
+        f"(`{os.path.relpath(BASELINE_BUDGET, REPO)}`); LLM rows: {backbone_line(planned)}, the shipped budget.",
+        "",
+        "| model | seeds | " + " | ".join(
+            f"{mode} {metric} {which}" for mode in modes for metric in LAPSE_METRICS[:1]
+            for which in ("without lapse", "with lapse", "drop")
+        ) + " | epochs | wall min/run |",  # fmt: skip
+        "|---|---|" + "---|" * (3 * len(modes)) + "---|---|",
+    ]
+    for row, records in by_row.items():
+        if not records:
+            out.append(f"| {row} | 0 | " + " | ".join("–" for _ in range(3 * len(modes))) + " | – | – |")
+            continue
+        cells = []
+        for mode in modes:
+            metric = LAPSE_METRICS[0]
+            for values in (
+                [r["test"][f"{mode}_no_lapse"][metric] for r in records],
+                [r["test"][mode][metric] for r in records],
+                [d for r in records if (d := r["lapse_drops"][mode][metric]) is not None],
+            ):
+                cells.append(fmt(*mean_std(values)))
+        epochs = ", ".join(str(r.get("epochs_run", "–")) for r in sorted(records, key=lambda r: r["seed"]))
+        minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
+        out.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {epochs} | {minutes:.1f} |")
+    out += ["", "## The paper's claim: CaseQ's drop is smaller than its backbone's", ""]
+    out += ["| unit | CaseQ's drop | the backbone's drop | verdict |", "|---|---|---|---|"]
+    for caseq, backbone in (("CaseQ", "SASRec"), ("CaseQ-gru", "GRU4Rec")):
+        for mode in modes:
+            def drop(record, mode=mode):
+                return record["lapse_drops"][mode][LAPSE_METRICS[0]]
+
+            a, b = claims.summary(by_row.get(caseq, []), drop), claims.summary(by_row.get(backbone, []), drop)
+            if not a or not b:
+                out.append(f"| {caseq} vs {backbone} ({mode}) | {claims.fmt_summary(a)} | {claims.fmt_summary(b)} | "
+                           "not measured |")  # fmt: skip
+                continue
+            d = claims.in_std_units(b, a)  # the claim: CaseQ's drop is the smaller
+            verdict = claims.verdict_words(d, None, b["mean"] > a["mean"])
+            out.append(f"| {caseq} vs {backbone} ({mode}, {LAPSE_METRICS[0]}) | {claims.fmt_summary(a)} | "
+                       f"{claims.fmt_summary(b)} | {verdict} |")  # fmt: skip
+    out += ["", "## Runs", "", "| run | finished | epochs (cap) | wall min | commit |", "|---|---|---|---|---|"]
+    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
+        out.append(f"| {record['run_id']} | {record['finished']} | {record.get('epochs_run')} ({record.get('epochs_cap')})"
+                   f" | {record['wall_seconds'] / 60:.1f} | {record['commit']} |")  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def recorded_runs(planned, output):
@@ -882,7 +970,7 @@ def default_rows(backbone):
     """The rows a grid of ``backbone`` runs by default: the embedded backbone's ablations ran the scoring head; the
     pretrained one's run the paper's protocol (``-generative``), where the paper measured them."""
     left_out = GENERATIVE_ABLATIONS if backbone == "embedded" else HEAD_ABLATIONS
-    return [row for row in ROWS if row not in left_out]
+    return [row for row in ROWS if row not in left_out and not row.startswith("CaseQ")]
 
 
 def backbone_line(planned):
@@ -977,6 +1065,12 @@ def main():
         help=f"the LLM rows' llm_backbone (default: {DEFAULT_BACKBONE}; --quick: {QUICK_BACKBONE}); the default "
         "--output of the embedded backbone is results/embedded/",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=["standard", "lapse"],
+        default="standard",
+        help="standard: the datasets' leave-one-out split; lapse: CaseQ's temporal shift (results/lapse/)",
+    )
     parser.add_argument("--status", action="store_true", help="list finished and pending runs, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports from finished runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -990,21 +1084,24 @@ def main():
         if dataset not in known:
             parser.error(f"unknown dataset {dataset!r} for this grid; choose from {list(known)}")
     backbone = args.backbone or (QUICK_BACKBONE if args.quick else DEFAULT_BACKBONE)
-    rows = args.rows or (QUICK_ROWS if args.quick else default_rows(backbone))
+    lapse = args.protocol == "lapse"
+    defaults = (["SASRec", "CaseQ"] if args.quick else LAPSE_ROWS) if lapse else QUICK_ROWS if args.quick else None
+    rows = args.rows or defaults or default_rows(backbone)
     seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
     if args.output:
         output = Path(args.output).resolve()
     else:
         output = REPO / "results" / ("" if backbone == DEFAULT_BACKBONE or args.quick else backbone)
+        output = REPO / "results" / "lapse" if lapse else output
     work = Path(args.work).resolve() if args.work else (
         REPO / "benchmarks" / "work" if output == REPO / "results" else output / "work"
     )  # fmt: skip
-    runs = plan(datasets, rows, seeds, args.quick, backbone)
+    runs = plan(datasets, rows, seeds, args.quick, backbone, args.protocol)
     # The reports always cover the whole default grid of these datasets (missing runs shown as such), so that running
     # a subset of rows or seeds never drops finished rows from the tables.
-    report_rows = sorted(set(rows) | set(QUICK_ROWS if args.quick else default_rows(backbone)), key=list(ROWS).index)
+    report_rows = sorted(set(rows) | set(defaults or default_rows(backbone)), key=list(ROWS).index)
     report_seeds = sorted(set(seeds) | set(SEEDS[:1] if args.quick else SEEDS))
-    report_runs = plan(datasets, report_rows, report_seeds, args.quick, backbone)
+    report_runs = plan(datasets, report_rows, report_seeds, args.quick, backbone, args.protocol)
     if args.status:
         for run in report_runs:
             print(f"{'done   ' if finished(output, run) else 'pending'} {run['dataset']:<12} {run['run_id']}")
@@ -1012,7 +1109,7 @@ def main():
 
     def write_reports():
         with run_lock(work, "reports", wait=True):  # one grid process at a time rewrites the shared reports
-            report(report_runs, output, args.quick)
+            (lapse_report if lapse else report)(report_runs, output, args.quick)
 
     failed = [] if args.report_only else execute(runs, output, work, write_reports)
     write_reports()

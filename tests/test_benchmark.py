@@ -448,3 +448,19 @@ def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them
     assert result["per_user"] == expected and result["users"] == 40
     assert 0 < sum(expected.values()) < 40  # some right, some wrong: the comparison can fail
     assert claims.encoder_on_candidates(path, "no-such-file", tmp_path / "cache.json") == result  # cached
+
+
+def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", "lapse"]
+    command += ["--rows", "SASRec", "--output", str(tmp_path / "lapse")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = (tmp_path / "lapse" / "runs" / "lastfm-tiny").glob("SASRec-seed2020-*.json")
+    record = json.loads(path.read_text())
+    assert set(record["test"]) == {"full", "full_no_lapse", "uni100", "uni100_no_lapse"}
+    before, after = record["test"]["uni100_no_lapse"]["ndcg@10"], record["test"]["uni100"]["ndcg@10"]
+    assert record["lapse_drops"]["uni100"]["ndcg@10"] == pytest.approx((before - after) / before)
+    markdown = (tmp_path / "lapse" / "lastfm-tiny.md").read_text()
+    line = next(line for line in markdown.splitlines() if line.startswith("| SASRec | 1 |"))
+    assert f"{before:.4f} | {after:.4f} | {(before - after) / before:.4f}" in line
+    assert "| CaseQ | 0 |" in markdown  # the quick lapse grid's other row, pending
