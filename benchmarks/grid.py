@@ -129,7 +129,7 @@ VOLATILE_KEYS = {
 }  # fmt: skip
 # Keys added after runs were recorded, at the values that reproduce what those runs did: left out of the hash at
 # these values, so that a new option does not invalidate finished runs (a key at another value changes the hash).
-NEUTRAL_DEFAULTS = {"objective": "head", "llm_activation_checkpointing": False}
+NEUTRAL_DEFAULTS = {"objective": "head", "llm_activation_checkpointing": False, "lapse": None}
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]
 SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
@@ -882,7 +882,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "",
         "Training budget: no hyperparameter was tuned for any row, on any split. RecBole's models use RecBole's "
         f"defaults and the budget of `{os.path.relpath(BASELINE_BUDGET, REPO)}` (early stopping on validation "
-        "NDCG@10); the LLM rows use the plugin's shipped defaults (`properties/model/iLoRA.yaml`: 1 epoch); the "
+        "NDCG@10); the LLM rows use the plugin's shipped defaults (`properties/model/LLMSequentialRecommender.yaml`: 1 epoch); the "
         "SASRec encoder uses iLoRA's `sasrec_*` keys. The LLM rows' wall time excludes the encoder's "
         "(its own row), which the shipped `--model=iLoRA` command spends first.",
         "",
@@ -939,7 +939,7 @@ def training_budget():
     """The LLM rows' training budget in words, from the shipped defaults they run with."""
     import yaml
 
-    shipped = yaml.safe_load((PROPERTIES / "model" / "iLoRA.yaml").read_text(encoding="utf-8"))
+    shipped = yaml.safe_load((PROPERTIES / "model" / "LLMSequentialRecommender.yaml").read_text(encoding="utf-8"))
     per_user = shipped["llm_train_sequences_per_user"]
     sequences = "every training sequence" if per_user is None else f"each user's {per_user} most recent training "
     sequences += "" if per_user is None else ("sequence" if per_user == 1 else "sequences")
