@@ -67,6 +67,7 @@ ROWS = {
     "CaseQ-gru": ("baseline", "CaseQ", {"context_unit": "gru"}, "CaseQ, GRU context units (C = 3, 2 layers)"),
     "SASRec-encoder": ("encoder", "iLoRA", {}, "RecBole SASRec with iLoRA's sasrec_* keys: every LLM row's encoder"),
     "UniformLoRA": ("llm", "UniformLoRA", {}, "one LoRA of rank 8 for every user (iLoRA minus the gate)"),
+    "Laser": ("llm", "Laser", {}, "Laser: frozen LLM, M-Former prefix (8 query experts, top-1), learned suffix"),
     "iLoRA": ("llm", "iLoRA", {}, "iLoRA: 4 experts x rank 2, SASRec gate (the paper's)"),
     "iLoRA-K1": ("llm", "iLoRA", {"lora_num_experts": 1, "lora_expert_rank": 8}, "iLoRA, 1 expert x rank 8"),
     "iLoRA-K2": ("llm", "iLoRA", {"lora_num_experts": 2, "lora_expert_rank": 4}, "iLoRA, 2 experts x rank 4"),

@@ -347,6 +347,7 @@ def train_and_evaluate(config, saved=True, verbose=True):
         "lapse_drops": lapse_drops(test_results),  # {} unless 'lapse' is set
         "saved_model_file": trainer.saved_model_file if saved else None,
         "timings": timings,
+        "model_summary": model.training_summary() if hasattr(model, "training_summary") else None,
         "train_losses": [float(trainer.train_loss_dict[epoch]) for epoch in sorted(trainer.train_loss_dict)],
         "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
         "stopped_early": epochs_run < config["epochs"],

@@ -89,3 +89,11 @@ def test_untrained_ilora_does_not_find_the_next_item(cycle_data):
     torch.manual_seed(0)
     model = iLoRA(config, test_data._dataset)
     assert hit_at_1_from_scores(model, test_data) <= 0.2  # 1 in 30 by chance
+
+
+def test_laser_lowers_its_loss_and_its_scores_agree_with_recbole(cycle_data):
+    result = objective_function(config_dict=settings(cycle_data, "Laser", epochs=6, mformer_num_queries=4))
+    losses = result["train_losses"]
+    assert losses[-1] < losses[0], losses
+    _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    assert hit_at_1_from_scores(model, test_data) == pytest.approx(result["test_result"]["hit@1"], abs=5e-5)

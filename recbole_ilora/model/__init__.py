@@ -10,6 +10,7 @@ _compat.apply()
 
 from recbole_ilora.model.caseq import CaseQ  # noqa: E402
 from recbole_ilora.model.ilora import iLoRA  # noqa: E402
+from recbole_ilora.model.laser import Laser  # noqa: E402
 from recbole_ilora.model.uniform_lora import UniformLoRA  # noqa: E402
 
-__all__ = ["CaseQ", "iLoRA", "UniformLoRA"]
+__all__ = ["CaseQ", "iLoRA", "Laser", "UniformLoRA"]

@@ -87,6 +87,7 @@ def uses_chat_template(config, tokenizer):
 
 class LLMSequentialRecommender(SequentialRecommender):
     input_type = InputType.POINTWISE
+    prompt_slots = True  # each history title is followed by a slot holding the item's projected SASRec embedding
 
     @classmethod
     def check_config(cls, config):
@@ -171,13 +172,11 @@ class LLMSequentialRecommender(SequentialRecommender):
             config["prompt_template"],
             config["prompt_item_separator"],
             config["prompt_max_title_tokens"],
+            slots=self.prompt_slots,
         )
 
         # Trainable bridges.
-        self.projector = nn.Sequential(
-            nn.Linear(self.item_size, self.llm_size), nn.GELU(), nn.Linear(self.llm_size, self.llm_size)
-        )
-        self.score_head = nn.Linear(self.llm_size, self.item_size)
+        self.projector, self.score_head = self.build_bridges()
         self.loss_fct = nn.CrossEntropyLoss()
 
         # The paper's generative protocol.
@@ -210,6 +209,21 @@ class LLMSequentialRecommender(SequentialRecommender):
     def build_llm(self, backbone, config):
         """Wrap the frozen ``backbone`` with the model's trainable adapter; returns the module kept as ``self.llm``."""
         raise NotImplementedError
+
+    def build_bridges(self):
+        """``(projector, score_head)``: SASRec item embedding -> LLM input (LLaRA's two-layer MLP, for the slots)
+        and LLM hidden state -> SASRec's item space (the scores). A model without slots or head returns None."""
+        projector = nn.Sequential(
+            nn.Linear(self.item_size, self.llm_size), nn.GELU(), nn.Linear(self.llm_size, self.llm_size)
+        )
+        return projector, nn.Linear(self.llm_size, self.item_size)
+
+    def score_items(self, user_repr, items=None):
+        """Scores of ``user_repr`` ``[B, d]`` against ``items`` (``[B]``: one item per row) or every item
+        (``None``: ``[B, n_items]``): dot products in SASRec's item space."""
+        if items is None:
+            return user_repr @ self.item_embeddings().t()
+        return (user_repr * self.item_embeddings()[items]).sum(-1)
 
     # ----- shared pieces for forward() -------------------------------------------------------------------------
     _encoding_cache = None  # a dict inside reusing_encodings()
@@ -250,7 +264,7 @@ class LLMSequentialRecommender(SequentialRecommender):
     # ----- RecBole's contract ----------------------------------------------------------------------------------
     def _scores_all_items(self, item_seq, item_seq_len):
         user_repr = self.forward(item_seq, item_seq_len)  # [B, d]
-        logits = user_repr @ self.item_embeddings().t()  # [B, n_items]
+        logits = self.score_items(user_repr)  # [B, n_items]
         logits[:, 0] = float("-inf")  # the padding item is never an answer
         return logits
 
@@ -397,8 +411,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         if self.generative:
             return self._predict_by_likelihood(interaction, histories, row_to_history)
         user_repr = self._encode_in_chunks(histories[:, :-1], histories[:, -1])  # [U, d]
-        item_repr = self.item_embeddings()[interaction[self.ITEM_ID]]  # [N, d]
-        return (user_repr[row_to_history] * item_repr).sum(-1)  # [N]
+        return self.score_items(user_repr[row_to_history], interaction[self.ITEM_ID])  # [N]
 
     def _predict_by_likelihood(self, interaction, histories, row_to_history):
         """Sampled protocols for the generative objective: each history's rows are its candidates, listed in the
@@ -446,7 +459,7 @@ class LLMSequentialRecommender(SequentialRecommender):
             raise ValueError("'objective' = 'generative' ranks candidates (eval_args mode uni<N>), not every item.")
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_repr = self._encode_in_chunks(item_seq, item_seq_len)  # [B, d]
-        return user_repr @ self.item_embeddings().t()  # [B, n_items]
+        return self.score_items(user_repr)  # [B, n_items]
 
     def _progress(self, chunks, description):
         """``chunks``, with a progress bar (remaining time included) when ``show_progress`` and there are several:

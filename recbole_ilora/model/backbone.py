@@ -349,3 +349,27 @@ def load_backbone(config, corpus, device):
         name = backbone_name(config)
         path = build_embedded_llm(config, corpus) if name == EMBEDDED else converted_backbone_dir(config, name)
     return load_causal_lm(path, config, device)
+
+
+class FrozenBackbone(torch.nn.Module):
+    """The backbone with no adapter (Laser's: the LLM stays entirely frozen), with the interface of
+    :class:`recbole_ilora.model.gated_lora.MoELoRA` that the shared model code reads."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def decoder(self):
+        return self.model.get_decoder()
+
+    def causal_lm(self):
+        return self.model
+
+    def lm_head(self):
+        return self.model.get_output_embeddings()
+
+    def input_embeddings(self):
+        return self.model.get_input_embeddings()

@@ -169,6 +169,8 @@ class PromptBuilder(torch.nn.Module):
         placeholders: the item lists the template holds.
         key: the configuration key of ``template``, for error messages.
         chat: wrap the prompt in the tokenizer's chat template as a user turn (the answer is the assistant's turn).
+        slots: follow each title with a slot (iLoRA's item embedding); False: titles only (a model that brings its
+            collaborative information another way, e.g. Laser's prefix). Answers (generative prompts) need slots.
     """
 
     def __init__(
@@ -181,8 +183,10 @@ class PromptBuilder(torch.nn.Module):
         placeholders=("history",),
         key="prompt_template",
         chat=False,
+        slots=True,
     ):
         super().__init__()
+        self.slots = slots
         self.pieces, self.order = parse_template(template, placeholders, key, strip=False)
         self.tokenizer = tokenizer
         self.separator = separator
@@ -193,6 +197,8 @@ class PromptBuilder(torch.nn.Module):
         self.leading_ids = [] if chat else leading_special_ids(tokenizer)  # a chat template writes its own
         self.titles = [cut_title(tokenizer, text, max_title_tokens) if text else "" for text in texts]  # as shown
         # Answer of item i (generative prompts): the tokens that follow the prompt, its title and end of sequence.
+        if not slots:  # no answers to a prompt without slots
+            return
         self.answer_tail, self.answer_lead = self._answer_lead()
         self.answer_context = tokenizer(SLOT_TOKEN + self.answer_tail, add_special_tokens=False)["input_ids"]
         table, lengths = _table([self._answer_ids(title, key) for title in self.titles], self.pad_id)
@@ -202,7 +208,8 @@ class PromptBuilder(torch.nn.Module):
     # ----- text ------------------------------------------------------------------------------------------------
     def item_list_text(self, items):
         """``title<slot>{sep}title<slot>...`` of a list of item ids."""
-        return self.separator.join(self.titles[item] + SLOT_TOKEN for item in items)
+        slot = SLOT_TOKEN if self.slots else ""
+        return self.separator.join(self.titles[item] + slot for item in items)
 
     def text(self, lists):
         """The whole prompt text for ``lists`` (placeholder name -> item ids), chat frame included."""
@@ -249,7 +256,7 @@ class PromptBuilder(torch.nn.Module):
         """Every row's prompt token ids (slots as :data:`SLOT_TOKEN`'s id) and its slot items, as lists."""
         rows = self._rows(item_seq, item_seq_len, candidates)
         encoded = self.tokenizer([self.text(row) for row in rows], add_special_tokens=False)["input_ids"]
-        slot_items = [[item for name in self.order for item in row[name]] for row in rows]
+        slot_items = [[item for name in self.order for item in row[name]] if self.slots else [] for row in rows]
         return [self.leading_ids + ids for ids in encoded], slot_items
 
     def lengths(self, item_seq, item_seq_len, candidates=None, answers=None):
@@ -263,6 +270,8 @@ class PromptBuilder(torch.nn.Module):
         rows, slot_items = self.token_ids(item_seq, item_seq_len, candidates)
         answer_ids = [[] for _ in rows]
         if answers is not None:
+            if not self.slots:
+                raise ValueError("A prompt without slots has no answers (generative prompts need slots).")
             answer_ids = [self.answer_table[item, : self.answer_length[item]].tolist() for item in answers.tolist()]
         total = max(len(ids) + len(answer) for ids, answer in zip(rows, answer_ids, strict=True))
         batch_size = len(rows)

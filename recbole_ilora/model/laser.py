@@ -1,0 +1,238 @@
+"""Laser (Zhang, Hu, Zhang, Song, Huang, Nie: "Laser: Parameter-Efficient LLM Bi-Tuning for Sequential
+Recommendation with Collaborative Information", arXiv 2409.01605): the LLM stays entirely frozen, with no LoRA;
+only what goes in front of the prompt (a prefix) and behind it (a suffix) is trained.
+
+- **M-Former (prefix).** The history's frozen SASRec item embeddings are projected to the M-Former width. A router
+  (linear, ``mformer_num_experts`` experts) scores each history item (softmax over experts); padded positions are
+  left out; the scores are averaged over the history and the ``mformer_top_k`` best experts are kept, their weights
+  re-normalised to sum to one. Each expert is its own set of ``mformer_num_queries`` learnable query vectors; the
+  queries attend to themselves and cross-attend to the projected history (a small transformer,
+  ``mformer_num_layers`` layers, trained from scratch: the paper initialises it from BERT-base, which cannot be had
+  here). The selected experts' outputs, weighted, are mapped to the LLM width and become prefix tokens placed
+  before the text prompt. A load-balancing loss ``alpha * E * sum_e p_e f_e`` (``mformer_balance_weight``; ``p_e``:
+  the mean router probability of expert e over the history items of the batch, ``f_e``: the share of those items
+  whose top-k holds e) keeps the experts in use.
+- **Suffix.** One learnable embedding after the text prompt; the user vector is the LLM's last hidden state there.
+- **Items.** Each item is encoded by the same frozen LLM from its own prompt (``laser_item_template`` with its title,
+  the M-Former prefix of its own collaborative embedding, then the suffix): an item table, computed without
+  gradients, refreshed once per training epoch (at its first step) and once for evaluation after training,
+  reused by every test mode.
+- **Score and loss.** Cosine similarity of the user vector and every item vector divided by ``laser_temperature``
+  (0.05); cross-entropy over all items, plus the balance loss.
+
+Left out: the paper's first training stage (contrastive alignment of the M-Former with a BERT text encoder), which
+needs weights that cannot be had here. Written from the paper and the official code (``015xy/Laser-main``); where
+the official code counts padded history positions in the balance loss and in the mean routing score, this one
+does not.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+from recbole_ilora.model.backbone import FrozenBackbone
+from recbole_ilora.model.prompt import PromptBuilder
+from recbole_ilora.validation import require_float, require_int, require_positive
+
+
+class MFormer(nn.Module):
+    """Routed query experts cross-attending to a sequence of collaborative embeddings; see the module docstring."""
+
+    def __init__(self, in_size, width, out_size, num_experts, num_queries, top_k, num_layers, num_heads, dropout):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"'mformer_top_k' ({top_k}) cannot exceed 'mformer_num_experts' ({num_experts})")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.input_projection = nn.Linear(in_size, width)
+        self.router = nn.Linear(width, num_experts)
+        self.queries = nn.Parameter(torch.randn(num_experts, num_queries, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            width, num_heads, dim_feedforward=4 * width, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.transformer = nn.TransformerDecoder(layer, num_layers)
+        self.output_projection = nn.Linear(width, out_size)
+
+    def route(self, memory, mask):
+        """Router probabilities per history item ``[B, L, E]`` (zero at padding) and the sequence's weights over the
+        experts ``[B, E]``: the mean over its items, the top-k kept and re-normalised (zero elsewhere)."""
+        probs = self.router(memory).softmax(-1) * mask.unsqueeze(-1)
+        mean = probs.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        top, index = mean.topk(self.top_k, dim=-1)
+        weights = torch.zeros_like(mean).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        return probs, weights
+
+    def balance_loss(self, probs, mask):
+        """``E * sum_e p_e f_e`` over the (unpadded) history items of the batch (without the weight alpha)."""
+        valid = mask.bool()
+        item_probs = probs[valid]  # [N, E]
+        p = item_probs.mean(0)
+        chosen = item_probs.topk(self.top_k, dim=-1).indices  # [N, k]
+        f = torch.zeros_like(p).scatter_add(0, chosen.flatten(), torch.ones(chosen.numel(), device=p.device))
+        f = f / len(item_probs)
+        return self.num_experts * (p * f).sum()
+
+    def forward(self, items, mask):
+        """``items`` ``[B, L, d_in]`` and ``mask`` ``[B, L]`` (1 for a real item) -> prefix ``[B, Q, d_out]``, router
+        probabilities ``[B, L, E]`` and expert weights ``[B, E]``."""
+        mask = mask.to(items.dtype)
+        memory = self.input_projection(items)
+        probs, weights = self.route(memory, mask)
+        padding = mask == 0
+        output = 0.0
+        chosen = weights.topk(self.top_k, dim=-1)  # the experts in use, with their weights
+        for slot in range(self.top_k):
+            expert = chosen.indices[:, slot]  # [B]
+            decoded = self.transformer(self.queries[expert], memory, memory_key_padding_mask=padding)
+            output = output + chosen.values[:, slot, None, None] * decoded
+        return self.output_projection(output), probs, weights
+
+
+class Laser(LLMSequentialRecommender):
+    prompt_slots = False  # the collaborative information comes in through the prefix
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        if (config["objective"] or "head") != "head":
+            raise ValueError("Laser scores items by the cosine of LLM vectors: 'objective' must be 'head'.")
+        for key in ("mformer_num_experts", "mformer_top_k", "mformer_num_queries", "mformer_num_layers"):
+            require_int(config, key, 1)
+        require_int(config, "mformer_hidden_size", 1)
+        require_int(config, "mformer_num_heads", 1)
+        if config["mformer_hidden_size"] % config["mformer_num_heads"]:
+            raise ValueError("Make sure 'mformer_hidden_size' is a multiple of 'mformer_num_heads'.")
+        if config["mformer_top_k"] > config["mformer_num_experts"]:
+            raise ValueError("Make sure 'mformer_top_k' <= 'mformer_num_experts'.")
+        require_float(config, "mformer_dropout", 0.0, 1.0)
+        require_float(config, "mformer_balance_weight", 0.0, float("inf"))
+        require_positive(config, "laser_temperature")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.temperature = config["laser_temperature"]
+        self.balance_weight = config["mformer_balance_weight"]
+        self.mformer = MFormer(
+            self.item_size,
+            config["mformer_hidden_size"],
+            self.llm_size,
+            config["mformer_num_experts"],
+            config["mformer_num_queries"],
+            config["mformer_top_k"],
+            config["mformer_num_layers"],
+            config["mformer_num_heads"],
+            config["mformer_dropout"],
+        )
+        self.suffix = nn.Parameter(torch.randn(1, 1, self.llm_size) * 0.02)
+        self.item_prompt = PromptBuilder(
+            self.tokenizer,
+            self.prompt_builder.titles,
+            config["laser_item_template"],
+            config["prompt_item_separator"],
+            config["prompt_max_title_tokens"],
+            key="laser_item_template",
+            slots=False,
+        )
+        self._train_table = None  # the item table of the current training epoch
+        self._eval_table = None  # the item table of the current weights, for evaluation
+        self.last_balance_loss = None  # the balance loss of the last training step (reported)
+
+    def build_llm(self, backbone, config):
+        return FrozenBackbone(backbone)
+
+    def training_summary(self):
+        """What the runner records after training: the balance loss of the last step."""
+        return {"balance_loss": self.last_balance_loss}
+
+    def build_bridges(self):
+        return None, None  # no slots, no head: prefix, suffix and the cosine of LLM vectors
+
+    # ----- encoding ------------------------------------------------------------------------------------------
+    def encode(self, text_prompt, items, mask):
+        """The LLM's last hidden state (at the suffix) for ``[prefix of items] + text prompt + suffix``, ``[B, H]``,
+        with the router's probabilities and weights."""
+        embed = self.llm.input_embeddings()
+        text = embed(text_prompt.input_ids)  # [B, T, H], left-padded
+        prefix, probs, weights = self.mformer(items, mask)  # [B, Q, H]
+        batch = text.shape[0]
+        inputs_embeds = torch.cat([prefix.to(text.dtype), text, self.suffix.expand(batch, -1, -1).to(text.dtype)], 1)
+        ones = lambda n: text_prompt.attention_mask.new_ones(batch, n)  # noqa: E731
+        attention_mask = torch.cat([ones(prefix.shape[1]), text_prompt.attention_mask, ones(1)], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # the text's padding sits between prefix and text
+        output = self.llm.decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return output.last_hidden_state[:, -1].float(), probs, weights
+
+    def _user(self, item_seq, item_seq_len):
+        mask = item_seq != 0
+        with torch.no_grad():
+            history = self.item_embeddings()[item_seq]  # frozen SASRec embeddings, [B, L, d]
+        return self.encode(self.prompt_builder(item_seq, item_seq_len), history, mask)
+
+    def forward(self, item_seq, item_seq_len):
+        return self._user(item_seq, item_seq_len)[0]  # [B, H]
+
+    def routing(self, item_seq, item_seq_len):
+        """The expert weights each history is routed with, ``[B, E]`` (no LLM forward)."""
+        mask = item_seq != 0
+        with torch.no_grad():
+            history = self.item_embeddings()[item_seq]
+        memory = self.mformer.input_projection(history)
+        return self.mformer.route(memory, mask.to(memory.dtype))[1]
+
+    @torch.no_grad()
+    def item_table(self):
+        """Every item's vector from its own prompt, ``[n_items, H]`` (row 0, padding, is zero); M-Former dropout off."""
+        was_training = self.mformer.training
+        self.mformer.train(False)
+        try:
+            items = torch.arange(1, self.n_items, device=self.device)
+            rows = []
+            chunks = list(items.split(self.eval_batch_size))
+            for chunk in self._progress(chunks, "Laser item table"):
+                seq = chunk.unsqueeze(1)  # a one-item "history": the item itself
+                length = torch.ones_like(chunk)
+                vectors, _, _ = self.encode(self.item_prompt(seq, length), self.item_embeddings()[seq], seq != 0)
+                rows.append(vectors)
+            table = torch.cat(rows)
+            return torch.cat([table.new_zeros(1, table.shape[1]), table])
+        finally:
+            self.mformer.train(was_training)
+
+    def train(self, mode=True):
+        if mode:  # a new epoch (RecBole calls train() as each starts): both tables are stale
+            self._train_table = None
+            self._eval_table = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self._train_table = self._eval_table = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def current_table(self):
+        if self.training:
+            if self._train_table is None:
+                self._train_table = self.item_table()
+            return self._train_table
+        if self._eval_table is None:
+            self._eval_table = self.item_table()
+        return self._eval_table
+
+    # ----- RecBole's contract --------------------------------------------------------------------------------
+    def score_items(self, user_repr, items=None):
+        table = F.normalize(self.current_table(), dim=-1)
+        user = F.normalize(user_repr, dim=-1)
+        if items is None:
+            return user @ table.t() / self.temperature
+        return (user * table[items]).sum(-1) / self.temperature
+
+    def calculate_loss(self, interaction):
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        user, probs, _ = self._user(item_seq, item_seq_len)
+        logits = self.score_items(user)
+        logits[:, 0] = float("-inf")  # the padding item is never an answer
+        loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
+        balance = self.mformer.balance_loss(probs, item_seq != 0)
+        self.last_balance_loss = float(balance.detach())
+        return loss + self.balance_weight * balance

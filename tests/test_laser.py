@@ -1,0 +1,123 @@
+"""Laser: the M-Former's masking and routing, its balance loss, a frozen LLM, the item table's life cycle, and
+checkpoints that hold only what it trains."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from recbole_ilora.config import Config
+from recbole_ilora.model.laser import Laser, MFormer
+from recbole_ilora.quick_start import create_dataset, load_data_and_model, objective_function, prepare_data
+
+SMALL = {"mformer_num_queries": 4, "mformer_hidden_size": 16, "mformer_num_heads": 2, "mformer_num_layers": 1}
+
+
+def mformer(top_k=1, experts=4):
+    torch.manual_seed(0)
+    return MFormer(8, 16, 12, experts, 3, top_k, num_layers=2, num_heads=2, dropout=0.0).eval()
+
+
+def history(batch=5, length=6):
+    generator = torch.Generator().manual_seed(1)
+    items = torch.randn(batch, length, 8, generator=generator)
+    lengths = torch.tensor([6, 1, 3, 4, 2])[:batch]
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    return items, mask
+
+
+def test_padded_history_positions_change_nothing():
+    model = mformer(top_k=2)
+    items, mask = history()
+    prefix, probs, weights = model(items, mask)
+    assert prefix.shape == (5, 3, 12) and probs.shape == (5, 6, 4) and weights.shape == (5, 4)
+    noisy = items.clone()
+    noisy[~mask] = torch.randn(int((~mask).sum()), 8) * 100  # whatever lies at padded positions
+    again = model(noisy, mask)
+    for a, b in zip((prefix, probs, weights), again, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert (probs[~mask] == 0).all()
+
+
+def test_top_k_keeps_k_experts_renormalised_and_k_equal_to_e_is_the_dense_mixture():
+    items, mask = history()
+    sparse = mformer(top_k=2)
+    _, probs, weights = sparse(items, mask)
+    assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(5))
+    mean = probs.sum(1) / mask.sum(1, keepdim=True)  # the mean over real items
+    top = mean.topk(2, dim=-1)
+    assert torch.allclose(weights.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True))
+
+    dense = mformer(top_k=4)
+    prefix, probs, weights = dense(items, mask)
+    assert torch.allclose(weights, probs.sum(1) / mask.sum(1, keepdim=True), atol=1e-6)
+    memory = dense.input_projection(items)
+    by_hand = sum(
+        weights[:, e, None, None] * dense.transformer(dense.queries[e].expand(5, -1, -1), memory,
+                                                      memory_key_padding_mask=~mask)
+        for e in range(4)
+    )  # fmt: skip
+    assert torch.allclose(prefix, dense.output_projection(by_hand), atol=1e-5)
+
+
+def test_balance_loss_against_a_hand_computation():
+    model = mformer(top_k=1, experts=2)
+    probs = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], [[0.6, 0.4], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # real items: (0.9, 0.1), (0.2, 0.8), (0.6, 0.4): p = (1.7/3, 1.3/3); top-1: experts 0, 1, 0: f = (2/3, 1/3)
+    expected = 2 * (1.7 / 3 * 2 / 3 + 1.3 / 3 * 1 / 3)
+    assert float(model.balance_loss(probs, mask)) == pytest.approx(expected)
+
+
+@pytest.fixture()
+def laser(sasrec_checkpoint, llm_cache):
+    config = Config(model="Laser", config_dict={**TINY, "model": "Laser", **SMALL, "sasrec_checkpoint": sasrec_checkpoint,
+                                                "llm_cache_dir": llm_cache})  # fmt: skip
+    train, _, _ = prepare_data(config, create_dataset(config))
+    return Laser(config, train._dataset), train
+
+
+def test_the_llm_gets_no_gradient_and_stays_bit_identical(laser):
+    model, train = laser
+    before = {name: value.clone() for name, value in model.llm.state_dict().items()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and not any(p.requires_grad for p in model.llm.parameters())
+    optimizer = torch.optim.Adam(trained, lr=0.01)
+    model.train()
+    for step, interaction in enumerate(train):
+        optimizer.zero_grad()
+        model.calculate_loss(interaction).backward()
+        assert all(p.grad is None for p in model.llm.parameters())
+        assert model.suffix.grad is not None and model.mformer.queries.grad is not None
+        optimizer.step()
+        if step == 1:
+            break
+    assert all(torch.equal(before[name], value) for name, value in model.llm.state_dict().items())
+    assert set(model.state_dict()) == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(name.startswith(("mformer.", "suffix")) for name in model.state_dict())
+
+
+def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_checkpoint, llm_cache, monkeypatch):
+    calls = []
+    original = Laser.item_table
+
+    def counted(self):
+        calls.append("train" if self.training else "eval")
+        return original(self)
+
+    monkeypatch.setattr(Laser, "item_table", counted)
+    result = objective_function(config_dict={**TINY, "model": "Laser", **SMALL, "epochs": 2, "test_modes": ["full", "uni19"],
+                                             "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache})  # fmt: skip
+    # each epoch: one table for its training steps, one for its validation; then one for the best weights' tests
+    assert calls == ["train", "eval", "train", "eval", "eval"]
+    assert set(result["test_results"]) == {"full", "uni19"} and result["model_summary"]["balance_loss"] > 0
+
+    calls.clear()
+    _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    interaction = next(iter(test_data))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    assert calls == ["eval"]  # rebuilt from the checkpoint's weights
+    assert set(torch.load(result["saved_model_file"], weights_only=True)["state_dict"]) == set(model.state_dict())
+    reloaded = load_data_and_model(result["saved_model_file"])[1]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.full_sort_predict(interaction), scores, atol=1e-5)  # the same scores
