@@ -160,9 +160,13 @@ def _users_of(by_row, row):
     return per_user_correct(records[0], records[0]["_path"])
 
 
-def parameter_claim(by_row, row="iLoRA", base="UniformLoRA"):
-    mine, other = _row_records(by_row, row), _row_records(by_row, base)
-    if not mine or not other:
+def parameter_claim(by_row):
+    """iLoRA's trainable parameters over UniformLoRA's (the head rows, else the generative ones: the same modules)."""
+    for row, base in (("iLoRA", "UniformLoRA"), ("iLoRA-generative", "UniformLoRA-generative")):
+        mine, other = _row_records(by_row, row), _row_records(by_row, base)
+        if mine and other:
+            break
+    else:
         return {"figure": "not run", "verdict": "not measured"}
     a, b = mine[0]["trainable_parameters"], other[0]["trainable_parameters"]
     share = (a - b) / b * 100
@@ -170,6 +174,20 @@ def parameter_claim(by_row, row="iLoRA", base="UniformLoRA"):
         "figure": f"{row} {a:,} vs {base} {b:,} trainable: {share:+.2f}%",
         "verdict": "reproduced" if share < 1 else "not reproduced",
     }
+
+
+def valid_ratio_claim(by_row, level=0.95):
+    """The paper's ValidRatio (0.975 to 0.996) is a level, not a comparison: met where a row's mean reaches ``level``."""
+    figures, met = [], []
+    for row in ("iLoRA-generative", "UniformLoRA-generative"):
+        s = summary(_row_records(by_row, row), valid_ratio)
+        if s:
+            figures.append(f"{row} {fmt_summary(s)}")
+            met.append(s["mean"] >= level)
+    if not figures:
+        return {"figure": "not run", "verdict": "not measured"}
+    verdict = "reproduced" if all(met) else "not reproduced" if not any(met) else "reproduced for one row only"
+    return {"figure": "; ".join(figures) + f" (ValidRatio; level {level})", "verdict": verdict}
 
 
 def claims(by_row, generative_ablations):
@@ -185,9 +203,7 @@ def claims(by_row, generative_ablations):
         "1 (paper's protocol, all users)": compare_rows(
             by_row, "iLoRA-generative", ["UniformLoRA-generative"], hr1_all, "HR@1 (all)"
         ),
-        "1 (ValidRatio)": compare_rows(
-            by_row, "iLoRA-generative", ["UniformLoRA-generative"], valid_ratio, "ValidRatio"
-        ),
+        "1 (ValidRatio)": valid_ratio_claim(by_row),
         "1 (scoring head)": compare_rows(by_row, "iLoRA", ["UniformLoRA"], uni19_hit1, "uni19 Hit@1"),
         "2": compare_rows(
             by_row, f"iLoRA{suffix}", [f"iLoRA-K2{suffix}", f"iLoRA-K8{suffix}"], metric, label
@@ -208,7 +224,7 @@ PAPER = {
     "(Llama-2-7B)",
     "1 (paper's protocol, all users)": "(the paper reports HR@1 over valid answers; this is over all users, "
     "RecBole's Hit@1)",
-    "1 (ValidRatio)": "ValidRatio about 0.98 (0.975 to 0.996)",
+    "1 (ValidRatio)": "ValidRatio about 0.98 (0.975 to 0.996; our level: 0.95)",
     "1 (scoring head)": "(no head objective in the paper: the same claim under a ranking head)",
     "2": "four experts are best among 2, 4 and 8",
     "3": "the SASRec-guided gate beats other gate inputs",
