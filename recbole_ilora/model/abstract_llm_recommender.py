@@ -100,6 +100,11 @@ class LLMSequentialRecommender(SequentialRecommender):
             require_int(config, "sasrec_epochs", 1)
             require_int(config, "sasrec_train_batch_size", 1)
             require_positive(config, "sasrec_learning_rate")
+        if (config["continual_penalty"] or "none") not in ("none", "l2", "softmax_kl"):
+            raise ValueError(
+                f"Make sure 'continual_penalty' in ['none', 'l2', 'softmax_kl'], got {config['continual_penalty']!r}."
+            )
+        require_int(config, "continual_blocks", 1)
         if config["prompt_chat_template"] not in CHAT_TEMPLATE_CHOICES:
             raise ValueError(
                 f"Make sure 'prompt_chat_template' in ['auto', True, False], got {config['prompt_chat_template']!r}."
@@ -143,6 +148,8 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.check_config(config)
         super().__init__(config, dataset)
         self.eval_batch_size = config["llm_eval_batch_size"]
+        self.penalty_kind = config["continual_penalty"] or "none"
+        self.penalty_weight = config["continual_penalty_weight"] or 0.0
         self.show_progress = bool(config["show_progress"])
         self.candidates_per_forward = config["llm_candidates_per_forward"]
 
@@ -271,9 +278,28 @@ class LLMSequentialRecommender(SequentialRecommender):
     def calculate_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if self.generative:
-            return self.generative_loss(interaction)
-        logits = self._scores_all_items(item_seq, item_seq_len)
-        return self.loss_fct(logits, interaction[self.POS_ITEM_ID])
+            loss = self.generative_loss(interaction)
+        else:
+            logits = self._scores_all_items(item_seq, item_seq_len)
+            loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
+        return loss + self.proximal_term()
+
+    # ----- continual training (recbole_ilora.continual) -------------------------------------------------------
+    anchor = None  # an AdapterAnchor: the previous block's adapter, set by anchor_adapter()
+
+    def anchor_adapter(self):
+        """Keep a frozen snapshot of the current adapter; from now on the loss adds ``continual_penalty_weight`` times
+        the ``continual_penalty`` toward it (PESO's softmax-KL, or L2)."""
+        from recbole_ilora.continual import AdapterAnchor
+
+        if not hasattr(self.llm, "adapter_pairs"):
+            raise ValueError(f"{type(self).__name__} has no LoRA adapter to anchor.")
+        self.anchor = AdapterAnchor(self.llm.adapter_pairs())
+
+    def proximal_term(self):
+        if self.anchor is None or self.penalty_kind == "none" or not self.penalty_weight:
+            return 0.0
+        return self.penalty_weight * self.anchor.penalty(self.penalty_kind, self.llm.adapter_pairs())
 
     # ----- the generative objective ---------------------------------------------------------------------------
     def adapter_inputs(self, item_seq, item_seq_len, prompt):

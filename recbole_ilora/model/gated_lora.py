@@ -72,6 +72,13 @@ class MoELoRA(torch.nn.Module):
         if not self.lora_layers:
             raise ValueError(f"'lora_target_modules' = {list(target_modules)} matched no module of the backbone.")
 
+    def adapter_pairs(self):
+        """``{module name: (A, B)}``: every adapted module's LoRA matrices (all experts' rank channels)."""
+        return {
+            name: (module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight)
+            for name, module in self.lora_layers.items()
+        }
+
     @property
     def rank(self):
         return self.num_experts * self.expert_rank

@@ -1,0 +1,151 @@
+"""PESO's pieces (recbole_ilora/continual.py): time blocks of equal size in time order, each block's split, and the
+proximal terms toward the previous adapter (PESO's softmax-KL and L2) inside an LLM model's loss."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from recbole_ilora.config import Config
+from recbole_ilora.continual import AdapterAnchor, apply_time_block, time_block_ids
+from recbole_ilora.model import iLoRA
+from recbole_ilora.quick_start import create_dataset, prepare_data
+
+# user: number of events; user u's k-th event is item "<u><k>" at time 4 * k + offset (the users interleave)
+LENGTHS = {"a": 15, "b": 10, "c": 4, "d": 12}
+
+
+def test_time_blocks_hold_every_interaction_once_in_time_order_and_equal_sizes():
+    rng = np.random.default_rng(0)
+    times = rng.integers(0, 50, size=103)  # many ties
+    blocks = time_block_ids(times, 5)
+    counts = np.bincount(blocks)
+    assert len(counts) == 5 and counts.sum() == 103 and set(counts.tolist()) <= {20, 21}  # each once, equal sizes
+    for b in range(4):
+        assert times[blocks == b].max() <= times[blocks == b + 1].min()  # time order across blocks
+    with pytest.raises(ValueError, match="continual_blocks"):
+        time_block_ids(times, 0)
+
+
+@pytest.fixture(scope="module")
+def block_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "blk").mkdir()
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for offset, (user, length) in enumerate(LENGTHS.items()):
+        lines += [f"{user}\t{user}{k}\t{4 * k + offset}" for k in range(length)]
+    (root / "blk" / "blk.inter").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+def block_config(data_path):
+    return Config(model="SASRec", config_dict={
+        **TINY, "dataset": "blk", "data_path": data_path, "model": "SASRec", "continual_blocks": 3,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "MAX_ITEM_LIST_LENGTH": 50,
+        "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
+    })  # fmt: skip
+
+
+def targets_by_user(loader):
+    dataset = loader._dataset
+    out = {}
+    for index in range(len(dataset)):
+        row = dataset.inter_feat[index]
+        user = str(dataset.id2token("user_id", int(row["user_id"])))
+        history = [str(dataset.id2token("item_id", int(i))) for i in row["item_id_list"][: int(row["item_length"])]]
+        out.setdefault(user, []).append((str(dataset.id2token("item_id", int(row["item_id"]))), history))
+    return out
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_each_block_trains_on_its_events_but_the_last_two_with_the_whole_past_as_history(block_data, cumulative):
+    config = block_config(block_data)
+    raw = create_dataset(config)
+    times = raw.inter_feat["timestamp"].to_numpy()
+    items = [str(raw.id2token("item_id", i)) for i in raw.inter_feat["item_id"].to_numpy()]
+    block_of = dict(zip(items, time_block_ids(times, 3).tolist(), strict=True))
+    for block in range(3):
+        dataset = apply_time_block(config, create_dataset(config), block, cumulative)
+        train, valid, test = (targets_by_user(loader) for loader in prepare_data(config, dataset))
+        assert dataset.block_stats["users"] == len(test)
+        for user, length in LENGTHS.items():
+            order = [f"{user}{k}" for k in range(1, length)]  # the events that can be targets, in time order
+            mine = [item for item in order if block_of[item] == block]
+            if len(mine) < 3:
+                assert user not in test and user not in valid
+                continue
+            ((valid_item, valid_history),) = valid[user]
+            ((test_item, test_history),) = test[user]
+            assert (valid_item, test_item) == (mine[-2], mine[-1])
+            assert test_history == [f"{user}{k}" for k in range(int(test_item[1:]))]  # every earlier event
+            trained = [item for item, _ in train.get(user, [])]
+            earlier = [item for item in order if block_of[item] < block] if cumulative else []
+            assert sorted(trained) == sorted(earlier + mine[:-2])
+            assert valid_item not in trained and test_item not in trained
+            for item, history in train.get(user, []):
+                assert history == [f"{user}{k}" for k in range(int(item[1:]))]  # earlier blocks included
+
+
+def test_softmax_kl_is_zero_at_the_snapshot_positive_away_and_its_gradient_is_the_closed_form():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    anchor = AdapterAnchor({"m": (a, b)})  # a snapshot: later changes of a and b do not move it
+    assert float(anchor.softmax_kl({"m": (a, b)})) == pytest.approx(0.0, abs=1e-7)
+    assert float(anchor.l2({"m": (a, b)})) == 0.0
+    a2 = (a.detach() + 0.3 * torch.randn(4, 6)).requires_grad_()
+    kl = anchor.softmax_kl({"m": (a2, b)})
+    assert float(kl) > 0
+    kl.backward()
+    p, q = torch.softmax(a2.detach().flatten(), 0), torch.softmax(a.detach().flatten(), 0)
+    value = float((p * (p.log() - q.log())).sum())
+    assert float(kl) == pytest.approx(value, rel=1e-5)
+    closed_form = p * (p.log() - q.log() - value)  # d/da KL(softmax(a) || q)
+    assert torch.allclose(a2.grad.flatten(), closed_form, atol=1e-6)
+    two = AdapterAnchor({"m": (a, b), "n": (b, a)})
+    # the mean over modules: m moved (KL of A only), n at its snapshot
+    assert float(two.softmax_kl({"m": (a2, b), "n": (b, a)})) == pytest.approx(value / 2, rel=1e-5)
+
+
+@pytest.fixture()
+def ilora(sasrec_checkpoint, llm_cache):
+    def build(**overrides):
+        config = Config(model="iLoRA", config_dict={**TINY, "sasrec_checkpoint": sasrec_checkpoint,
+                                                    "llm_cache_dir": llm_cache, **overrides})  # fmt: skip
+        train, _, _ = prepare_data(config, create_dataset(config))
+        torch.manual_seed(0)
+        return iLoRA(config, train._dataset), next(iter(train))
+
+    return build
+
+
+def test_the_penalty_joins_the_loss_and_weight_zero_is_plain_fine_tuning(ilora):
+    plain, batch = ilora()
+    model, _ = ilora(continual_penalty="softmax_kl", continual_penalty_weight=0.0)
+    weighted, _ = ilora(continual_penalty="softmax_kl", continual_penalty_weight=2.0)
+    for m in (model, weighted):
+        m.load_state_dict(plain.state_dict())
+        m.anchor_adapter()
+    with torch.no_grad():  # move every adapter away from the snapshot the same way
+        for m in (plain, model, weighted):
+            torch.manual_seed(1)
+            for a, b in m.llm.adapter_pairs().values():
+                a.add_(0.05 * torch.randn_like(a))
+                b.add_(0.05 * torch.randn_like(b))
+    losses = {}
+    for name, m in (("plain", plain), ("zero", model), ("weighted", weighted)):
+        m.train()
+        torch.manual_seed(2)
+        loss = m.calculate_loss(batch)
+        loss.backward()
+        losses[name] = (float(loss), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert losses["zero"][0] == losses["plain"][0]  # lambda = 0: exactly plain fine-tuning
+    assert all(torch.equal(losses["zero"][1][n], g) for n, g in losses["plain"][1].items())
+    expected = 2.0 * float(weighted.anchor.softmax_kl(weighted.llm.adapter_pairs()))
+    assert losses["weighted"][0] == pytest.approx(losses["plain"][0] + expected, rel=1e-6) and expected > 0
+    gate = [n for n in losses["plain"][1] if n.startswith("gate_network")]
+    assert gate and all(torch.equal(losses["weighted"][1][n], losses["plain"][1][n]) for n in gate)  # not anchored
+
+
+def test_a_bad_penalty_is_refused_naming_the_key(ilora):
+    with pytest.raises(ValueError, match="'continual_penalty'"):
+        ilora(continual_penalty="ewc")
