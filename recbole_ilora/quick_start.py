@@ -87,7 +87,17 @@ def prepare_data(config, dataset):
     """RecBole's ``data_preparation``, with full-sort loaders bounded by ``full_sort_max_scores``
     (:func:`bounded_full_sort`)."""
     apply_lapse(config, dataset)  # the lapse protocol's split, when 'lapse' is set
+    apply_block(config, dataset)  # a continual run's time block, when 'continual_block' is set
     return tuple(bounded_full_sort(config, loader) for loader in data_preparation(config, dataset))
+
+
+def apply_block(config, dataset):
+    """A continual run's block split (``continual_block``, set by :mod:`recbole_ilora.continual_runner`)."""
+    if config["continual_block"] is None:
+        return dataset
+    from recbole_ilora.continual import apply_time_block
+
+    return apply_time_block(config, dataset, int(config["continual_block"]), bool(config["continual_cumulative"]))
 
 
 def bounded_full_sort(config, loader):
@@ -242,7 +252,7 @@ def protocol_test_data(config, mode, test_split="lapse"):
     test_config._set_eval_neg_sample_args("test")
     test_config["MODEL_TYPE"] = ModelType.SEQUENTIAL
     test_config["repeatable"] = True
-    dataset = apply_lapse(test_config, create_dataset(test_config), test_split)
+    dataset = apply_block(test_config, apply_lapse(test_config, create_dataset(test_config), test_split))
     built_datasets = dataset.build()
     _, _, test_sampler = create_samplers(test_config, dataset, built_datasets)
     loader = get_dataloader(test_config, "test")(test_config, built_datasets[2], test_sampler, shuffle=False)
@@ -285,8 +295,10 @@ def lapse_drops(test_results):
     return drops
 
 
-def train_and_evaluate(config, saved=True, verbose=True):
-    """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict."""
+def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
+    """RecBole's steps after the configuration: data, model, ``fit``, test ``evaluate``; RecBole's result dict.
+    ``prepare(model)``, if given, runs on the built model before training (a continual run loads the previous
+    block's weights and anchors the adapter there)."""
     logger = getLogger()
     timings = {}
     model_class = get_model(config["model"])
@@ -304,6 +316,8 @@ def train_and_evaluate(config, saved=True, verbose=True):
     show_progress = config["show_progress"] if verbose else False
 
     model = prepare_model(config, train_data, show_progress, timings)
+    if prepare is not None:
+        prepare(model)
     if isinstance(model, LLMSequentialRecommender):
         train_data = budget_training_data(config, train_data)
     if hasattr(model, "attach_splits"):
@@ -370,6 +384,10 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
+    if config["continual"]:
+        from recbole_ilora.continual_runner import run_continual
+
+        return run_continual(config, saved=saved)
     return train_and_evaluate(config, saved=saved, verbose=True)
 
 

@@ -149,3 +149,66 @@ def test_the_penalty_joins_the_loss_and_weight_zero_is_plain_fine_tuning(ilora):
 def test_a_bad_penalty_is_refused_naming_the_key(ilora):
     with pytest.raises(ValueError, match="'continual_penalty'"):
         ilora(continual_penalty="ewc")
+
+
+CONTINUAL = {"continual": True, "continual_blocks": 3, "epochs": 1, "test_modes": ["full"]}
+
+
+def run_blocks(session_settings, **overrides):
+    from recbole_ilora.quick_start import run_recbole_ilora
+
+    return run_recbole_ilora(config_dict={**session_settings, **CONTINUAL, **overrides})
+
+
+@pytest.fixture()
+def continual_settings(llm_cache, tmp_path):
+    return {**TINY, "model": "iLoRA", "llm_cache_dir": llm_cache, "checkpoint_dir": str(tmp_path / "saved")}
+
+
+def test_each_block_starts_from_the_previous_blocks_weights_with_its_own_encoder(continual_settings, monkeypatch):
+    from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+
+    loaded, original = [], LLMSequentialRecommender.load_state_dict
+
+    def spy(self, state_dict, strict=True, assign=False):
+        loaded.append({name: value.clone() for name, value in state_dict.items()})
+        return original(self, state_dict, strict, assign)
+
+    monkeypatch.setattr(LLMSequentialRecommender, "load_state_dict", spy)
+    progress = run_blocks(continual_settings, continual_strategy="softmax_kl")
+    blocks = progress["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1, 2] and set(progress["mean_over_later_blocks"]) == {"full"}
+    assert [b["penalty"] for b in blocks] == ["none", "softmax_kl", "softmax_kl"]
+    assert [b["learning_rate"] for b in blocks] == pytest.approx([0.005, 0.0005, 0.0005])
+    assert len({b["encoder"] for b in blocks}) == 3  # one encoder per block
+    for block in (1, 2):  # the first state loaded in each later block is the previous block's best weights
+        previous = torch.load(blocks[block - 1]["weights"], weights_only=True)
+        starts = [state for state in loaded if set(state) == set(previous)]
+        assert any(all(torch.equal(state[n], previous[n]) for n in previous) for state in starts)
+    mean = progress["mean_over_later_blocks"]["full"]["ndcg@10"]
+    assert mean == pytest.approx((blocks[1]["test"]["full"]["ndcg@10"] + blocks[2]["test"]["full"]["ndcg@10"]) / 2)
+
+
+def test_a_killed_run_resumes_at_its_block_and_ends_as_an_uninterrupted_one(continual_settings, monkeypatch):
+    import recbole_ilora.continual_runner as runner
+
+    whole = run_blocks(continual_settings, continual_strategy="finetune")
+    original, calls = runner.train_and_evaluate, []
+
+    def killed_in_block_2(config, **kwargs):
+        calls.append(config["continual_block"])
+        if config["continual_block"] == 2:
+            raise KeyboardInterrupt  # the run dies in its last block
+        return original(config, **kwargs)
+
+    monkeypatch.setattr(runner, "train_and_evaluate", killed_in_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_blocks(continual_settings, continual_strategy="finetune")
+    (progress_file,) = [p for p in (continual_settings["checkpoint_dir"],) for p in __import__("glob").glob(p + "/*.continual.json")
+                        if p != whole["progress_file"]]  # fmt: skip
+    monkeypatch.setattr(runner, "train_and_evaluate", original)
+    resumed = run_blocks(continual_settings, continual_strategy="finetune", resume_checkpoint=progress_file)
+    assert calls == [0, 1, 2] and [b["block"] for b in resumed["blocks"]] == [0, 1, 2]
+    assert [b["test"] for b in resumed["blocks"]] == [b["test"] for b in whole["blocks"]]  # the same final metrics
+    with pytest.raises(ValueError, match="strategy 'finetune'"):
+        run_blocks(continual_settings, continual_strategy="l2", resume_checkpoint=progress_file)
