@@ -214,6 +214,11 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                     config_dict["data_path"] = path
                 files = config_files(dataset, kind, quick, row, protocol)
                 config = resolve_config(model, dataset, files, config_dict)
+                if row in GENERATIVE_ROWS and config["epochs"] == 1 and not quick:
+                    # One epoch leaves validation nothing to choose (the tested weights are that epoch's either way),
+                    # and on the paper's protocol it costs a pass of likelihood scoring over every user: skipped.
+                    config_dict["eval_step"] = 0
+                    config = resolve_config(model, dataset, files, config_dict)
                 if kind == "encoder":
                     config = sasrec_pretraining_config(config)
                 run_hash = config_hash(config, extra=encoder_id if kind == "llm" else "")
