@@ -134,6 +134,7 @@ NEUTRAL_DEFAULTS = {
     "objective": "head", "llm_activation_checkpointing": False, "lapse": None,
     "continual_blocks": 5, "continual_penalty": "none", "continual_penalty_weight": 2.0, "continual": False,
     "continual_strategy": "softmax_kl", "continual_lr_scale": 0.1, "continual_block": None, "continual_cumulative": False,
+    "continual_l2_weights": [0.1, 1, 10],
 }  # fmt: skip
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]

@@ -11,7 +11,8 @@ For each time block ``t`` of ``continual_blocks`` (``recbole_ilora.continual``):
    - ``finetune``: block 0 from scratch; block ``t`` starts from block ``t - 1``'s trained weights (adapter, gate,
      projector, head), its learning rate times ``continual_lr_scale`` (PESO: 0.1);
    - ``l2`` / ``softmax_kl`` (PESO): the same, plus ``continual_penalty_weight`` times the proximal term toward block
-     ``t - 1``'s adapter (its frozen snapshot);
+     ``t - 1``'s adapter (its frozen snapshot); for ``l2`` the weight is chosen among ``continual_l2_weights``
+     (0.1, 1, 10) on block 1's validation and kept for the later blocks (unset: ``continual_penalty_weight``);
    - ``cumulative``: every block from scratch on all data up to it.
 3. **Tested** on block ``t``'s test events (every ``test_modes`` mode), its metrics written, as each block ends, to
    ``<checkpoint_dir>/<model>-continual-<time>.json`` (blocks, their users and sequences, metrics, timings, the
@@ -123,8 +124,26 @@ def run_continual(config, saved=True):
             if penalty != "none":
                 model.anchor_adapter()  # its snapshot: the previous block's adapter
 
-        init_seed(block_cfg["seed"] + block, block_cfg["reproducibility"])
-        result = train_and_evaluate(block_cfg, saved=saved, verbose=False, prepare=prepare)
+        candidates = config["continual_l2_weights"] if penalty == "l2" and block == 1 else None
+        if candidates:  # the L2 weight is chosen on block 1's validation, then kept for every later block
+            trials = {}
+            for weight in candidates:
+                block_cfg["continual_penalty_weight"] = weight
+                init_seed(block_cfg["seed"] + block, block_cfg["reproducibility"])
+                trials[weight] = train_and_evaluate(block_cfg, saved=saved, verbose=False, prepare=prepare)
+            bigger = config["valid_metric_bigger"]
+            chosen = (max if bigger else min)(trials, key=lambda weight: trials[weight]["best_valid_score"])
+            progress["l2_weight"] = chosen
+            progress["l2_selection"] = {str(w): r["best_valid_score"] for w, r in trials.items()}
+            logger.info(set_color("continual", "green") + f": L2 weight {chosen} chosen on block 1's validation "
+                        f"({config['valid_metric']}: {progress['l2_selection']})")  # fmt: skip
+            block_cfg["continual_penalty_weight"] = chosen
+            result = trials[chosen]
+        else:
+            if penalty == "l2" and "l2_weight" in progress:
+                block_cfg["continual_penalty_weight"] = progress["l2_weight"]
+            init_seed(block_cfg["seed"] + block, block_cfg["reproducibility"])
+            result = train_and_evaluate(block_cfg, saved=saved, verbose=False, prepare=prepare)
         weights = os.path.splitext(progress_file)[0] + f".block{block}.pth"
         best = safe_load(result["saved_model_file"], "saved_model_file")
         atomic_torch_save(best["state_dict"], weights)  # the block's best trained parameters, for block t + 1
@@ -135,6 +154,7 @@ def run_continual(config, saved=True):
             "valid": dict(result["best_valid_result"] or {}),
             "learning_rate": block_cfg["learning_rate"],
             "penalty": penalty,
+            "penalty_weight": block_cfg["continual_penalty_weight"] if penalty != "none" else None,
             "encoder": block_cfg["sasrec_checkpoint"],
             "weights": weights,
             "checkpoint": result["saved_model_file"],

@@ -212,3 +212,13 @@ def test_a_killed_run_resumes_at_its_block_and_ends_as_an_uninterrupted_one(cont
     assert [b["test"] for b in resumed["blocks"]] == [b["test"] for b in whole["blocks"]]  # the same final metrics
     with pytest.raises(ValueError, match="strategy 'finetune'"):
         run_blocks(continual_settings, continual_strategy="l2", resume_checkpoint=progress_file)
+
+
+def test_the_l2_weight_is_chosen_on_block_1s_validation_and_kept(continual_settings):
+    progress = run_blocks(continual_settings, continual_strategy="l2", continual_l2_weights=[0.1, 10.0])
+    scores = progress["l2_selection"]
+    assert set(scores) == {"0.1", "10.0"}
+    assert progress["l2_weight"] == float(max(scores, key=scores.get))  # valid NDCG@10: bigger is better
+    blocks = progress["blocks"]
+    assert [b["penalty_weight"] for b in blocks] == [None, progress["l2_weight"], progress["l2_weight"]]
+    assert blocks[1]["valid"]["ndcg@10"] == pytest.approx(scores[str(progress["l2_weight"])])
