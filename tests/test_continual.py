@@ -151,6 +151,17 @@ def test_a_bad_penalty_is_refused_naming_the_key(ilora):
         ilora(continual_penalty="ewc")
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"model": "SASRec"}, "not 'SASRec'"), ({"continual_strategy": "ewc"}, "'continual_strategy'"),
+     ({"continual_blocks": 1}, "'continual_blocks'")],
+)  # fmt: skip
+def test_a_continual_run_refuses_what_it_cannot_do_before_any_work(continual_settings, overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_blocks(continual_settings, **overrides)
+    assert not (tmp_path / "saved").exists() or not any((tmp_path / "saved").iterdir())  # nothing written
+
+
 CONTINUAL = {"continual": True, "continual_blocks": 3, "epochs": 1, "test_modes": ["full"]}
 
 
