@@ -483,7 +483,7 @@ def worker(spec_path):
         "stopped_early": result["stopped_early"],
         "timings": result["timings"],
         "best_valid_score": result["best_valid_score"],
-        "valid": dict(result["best_valid_result"]),
+        "valid": dict(result["best_valid_result"] or {}),  # empty when validation was skipped (eval_step 0)
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
         "generative": result["generative_result"],
         "lapse_drops": result["lapse_drops"],
@@ -500,6 +500,60 @@ def worker(spec_path):
     write_json_atomically(spec["output"], record)
     if spec["kind"] == "encoder":
         keep_encoder_copy(spec["output"])
+
+
+def recover(spec_path, commit=None):
+    """Write the record of a run whose worker died after testing (its log holds every figure), marked
+    ``recovered_from_log``: the metrics, generative result, timings, trainable parameters and checkpoint from the
+    run's log, the gates from its checkpoint, the generations from its file. CPU time is not known."""
+    import ast
+    import re
+    import types
+
+    spec = json.loads(Path(spec_path).read_text())
+    log_path = Path(spec_path).with_name(f"{spec['run_id']}.log")
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    work = Path(spec_path).parent.parent
+    namespace = {"__builtins__": {}, "OrderedDict": collections.OrderedDict, "np": types.SimpleNamespace(float64=float)}
+
+    def last(pattern):
+        found = re.findall(pattern, text)
+        if not found:
+            raise ValueError(f"{log_path}: no line matches {pattern!r}; the run did not finish testing")
+        return found[-1]
+
+    test = {mode: dict(eval(metrics, namespace)) for mode, metrics in re.findall(r"test result \((\w+)\): (OrderedDict\(.*\))", text)}
+    generative = ast.literal_eval(last(r"generative test: (\{.*\})")) if "generative test:" in text else None
+    saved_model_file = str((work / last(r"Saving current: (\S+\.pth)")).resolve())
+    sys.argv = sys.argv[:1]
+    from recbole_ilora.quick_start import load_data_and_model
+
+    config = load_data_and_model(saved_model_file)[0]
+    epochs_run = len(re.findall(r"epoch \d+ training", text.split("Trainable parameters")[-1]))
+    record = {
+        "run_id": spec["run_id"], "row": spec["row"], "kind": spec["kind"], "model": spec["model"],
+        "dataset": spec["dataset"], "seed": spec["seed"], "command": spec["command"],
+        "commit": commit or git_commit(),
+        "hardware": hardware(),
+        "finished": datetime.datetime.fromtimestamp(log_path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds"),
+        "wall_seconds": log_path.stat().st_mtime - Path(spec_path).stat().st_mtime,
+        "trainable_parameters": int(last(r"Trainable parameters: (\d+)")),
+        "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
+        "epochs_cap": config["epochs"], "epochs_run": epochs_run, "stopped_early": epochs_run < config["epochs"],
+        "timings": json.loads(last(r"timings \(s\): (\{.*\})")),
+        "best_valid_score": None, "valid": {}, "test": test, "generative": generative,
+        "lapse_drops": {}, "saved_model_file": saved_model_file,
+        "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
+        "recovered_from_log": str(log_path.name),
+    }  # fmt: skip
+    if generative:
+        with open(work / generative["generations_file"], "rb") as source:
+            with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
+                shutil.copyfileobj(source, target)
+    if spec["kind"] == "llm" and config["gate_input"] not in (None, "none"):
+        record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
+    write_json_atomically(spec["output"], record)
+    print(f"recovered {spec['output']} from {log_path}")
 
 
 def superseded_name(path, record):
@@ -1085,9 +1139,14 @@ def main():
     parser.add_argument("--status", action="store_true", help="list finished and pending runs, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports from finished runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--recover", metavar="SPEC", help="write the record of a run whose worker died after testing, "
+                        "from its log (<work>/logs/<run>.spec.json)")  # fmt: skip
+    parser.add_argument("--recover-commit", help="with --recover: the commit the run was made with (default: HEAD)")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    if args.recover:
+        return recover(args.recover, args.recover_commit)
 
     datasets = args.datasets or list(QUICK_DATASETS if args.quick else DATASETS)
     known = QUICK_DATASETS if args.quick else DATASETS

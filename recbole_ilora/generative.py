@@ -131,3 +131,29 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
 
     getLogger().info(set_color("generative test", "yellow") + f": {result}")
     return result
+
+
+def main():
+    """``python -m recbole_ilora.generative saved/iLoRA-<time>.pth [--output answers.jsonl]``: a saved model of the
+    paper's protocol answers every test user's prompt greedily; prints ValidRatio and both HR@1 (run it where the
+    model was trained: its configuration names its data and encoder)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoint saved by run_recbole_ilora.py with objective: generative")
+    parser.add_argument("--output", help="the JSON lines of every user's candidates, answer and verdict")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
+    from recbole_ilora.quick_start import load_data_and_model
+
+    config, model, *_ = load_data_and_model(args.checkpoint)
+    if not getattr(model, "generative", False):
+        raise ValueError(f"{args.checkpoint} was not trained with objective: generative")
+    model.show_progress = True
+    result = evaluate_generation(config, model, output_file=args.output, show_progress=True)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

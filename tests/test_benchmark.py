@@ -139,6 +139,17 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     for chart in ("lastfm-tiny.png", "lastfm-tiny.gates.png"):
         assert (tmp_path / "results" / chart).read_bytes().startswith(PNG_MAGIC)
 
+    # a worker that died after testing: its record rebuilt from its log holds the same figures
+    spec = tmp_path / "results" / "work" / "logs" / f"{records['iLoRA']['run_id']}.spec.json"
+    recover = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--recover", str(spec)]
+    recovered_run = subprocess.run(recover, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert recovered_run.returncode == 0, recovered_run.stderr[-3000:]
+    recovered = json.loads((runs / f"{records['iLoRA']['run_id']}.json").read_text())
+    assert recovered["recovered_from_log"] and recovered["test"] == records["iLoRA"]["test"]
+    assert recovered["trainable_parameters"] == records["iLoRA"]["trainable_parameters"]
+    assert recovered["saved_model_file"] == records["iLoRA"]["saved_model_file"] and recovered["epochs_run"] == 2
+    assert recovered["gate"] == records["iLoRA"]["gate"]
+
     stamps = {path: os.stat(path).st_mtime_ns for path in runs.glob("*.json")}
     second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
