@@ -618,13 +618,19 @@ def dataset_statistics(dataset, quick):
     }
 
 
-def report(runs, output, quick):
-    """Write ``<output>/<dataset>.md`` and its PNGs from the finished runs of the plan."""
+def per_dataset(runs, output):
+    """For each dataset of the plan: its planned runs, the records shown, those to be trained again, and the shown
+    records by row (every planned row, in the grid's order)."""
     for dataset in dict.fromkeys(run["dataset"] for run in runs):
         planned = [run for run in runs if run["dataset"] == dataset]
         done, stale = recorded_runs(planned, output)
         rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
-        by_row = {row: [record for record in done if record["row"] == row] for row in rows}
+        yield dataset, planned, done, stale, {row: [record for record in done if record["row"] == row] for row in rows}
+
+
+def report(runs, output, quick):
+    """Write ``<output>/<dataset>.md`` and its PNGs from the finished runs of the plan."""
+    for dataset, planned, done, stale, by_row in per_dataset(runs, output):
         markdown = render_markdown(dataset, planned, by_row, quick, output, stale)
         Path(output, f"{dataset}.md").write_text(markdown, encoding="utf-8")
         if dataset == "ml-100k" and Path(output).resolve() == (REPO / "results").resolve():
@@ -637,11 +643,7 @@ def report(runs, output, quick):
 
 def lapse_report(runs, output, quick):
     """Write ``<output>/<dataset>.md`` for the lapse protocol: both tests per mode, the relative drop, CaseQ's claim."""
-    for dataset in dict.fromkeys(run["dataset"] for run in runs):
-        planned = [run for run in runs if run["dataset"] == dataset]
-        done, _ = recorded_runs(planned, output)
-        rows = sorted({run["row"] for run in planned}, key=list(ROWS).index)
-        by_row = {row: [record for record in done if record["row"] == row] for row in rows}
+    for dataset, planned, done, _, by_row in per_dataset(runs, output):
         Path(output, f"{dataset}.md").write_text(render_lapse(dataset, planned, by_row, quick, done), encoding="utf-8")
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
 
