@@ -12,6 +12,7 @@ from recbole.utils import init_seed
 
 from recbole_ilora.generative import named_candidates, summarize_verdicts, verdict
 from recbole_ilora.model import iLoRA
+from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.quick_start import objective_function
 
 GENERATIVE = {
@@ -201,10 +202,22 @@ def test_generative_objective_needs_a_sampled_mode(llm_cache):
 
 
 @pytest.mark.parametrize("model_name", ["iLoRA", "UniformLoRA"])
-def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache):
+def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache, monkeypatch):
     config = {**TINY, **GENERATIVE, "model": model_name, "epochs": 1, "test_modes": ["uni19"]}
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    scored = []  # histories scored by likelihood, per call
+    original = LLMSequentialRecommender._predict_by_likelihood
+
+    def counting(self, interaction, histories, row_to_history):
+        scored.append(histories.shape[0])
+        return original(self, interaction, histories, row_to_history)
+
+    monkeypatch.setattr(LLMSequentialRecommender, "_predict_by_likelihood", counting)
     result = objective_function(config_dict=config)
+    # One validation and one test of the 40 users: RecBole's uni19 test is the seeded test mode, scored once (the
+    # costliest step of a generative run on CPU used to run twice) and reported under both names.
+    assert sum(scored) == 80
+    assert result["test_result"] == result["test_results"]["uni19"]
     generation = result["generative_result"]
     assert generation["users"] == 40
     lines = [json.loads(line) for line in open(generation["generations_file"], encoding="utf-8")]
