@@ -99,9 +99,11 @@ def main():
         result["backbone"][name] = measure(args.dataset, four_bit, args.steps)
         figures = result["backbone"][name]
         print(
-            f"{name}: train {figures['train_seconds_per_sequence']:.3f} s/sequence (batch {figures['train_batch_size']}), "
+            f"{name}: train {figures['train_seconds_per_sequence']:.3f} s/sequence "
+            f"(batch {figures['train_batch_size']}), "
             f"eval {figures['eval_seconds_per_user']:.3f} s/user (batch {figures['llm_eval_batch_size']}), "
-            f"{figures['mean_prompt_tokens']:.1f} prompt tokens, {figures['trainable_parameters']:,} trainable parameters",
+            f"{figures['mean_prompt_tokens']:.1f} prompt tokens, "
+            f"{figures['trainable_parameters']:,} trainable parameters",
             flush=True,
         )
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

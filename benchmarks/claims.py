@@ -177,7 +177,8 @@ def parameter_claim(by_row):
 
 
 def valid_ratio_claim(by_row, level=0.95):
-    """The paper's ValidRatio (0.975 to 0.996) is a level, not a comparison: met where a row's mean reaches ``level``."""
+    """The paper's ValidRatio (0.975 to 0.996) is a level, not a comparison: met where a row's mean reaches
+    ``level``."""
     figures, met = [], []
     for row in ("iLoRA-generative", "UniformLoRA-generative"):
         s = summary(_row_records(by_row, row), valid_ratio)
@@ -205,9 +206,7 @@ def claims(by_row, generative_ablations):
         ),
         "1 (ValidRatio)": valid_ratio_claim(by_row),
         "1 (scoring head)": compare_rows(by_row, "iLoRA", ["UniformLoRA"], uni19_hit1, "uni19 Hit@1"),
-        "2": compare_rows(
-            by_row, f"iLoRA{suffix}", [f"iLoRA-K2{suffix}", f"iLoRA-K8{suffix}"], metric, label
-        ),
+        "2": compare_rows(by_row, f"iLoRA{suffix}", [f"iLoRA-K2{suffix}", f"iLoRA-K8{suffix}"], metric, label),
         "3": compare_rows(
             by_row,
             f"iLoRA{suffix}",
@@ -312,8 +311,8 @@ def targets_section(dataset, by_row, encoder_results):
     records = sorted(_row_records(by_row, "iLoRA-generative"), key=lambda r: r["seed"])
     if records and encoder_results:
         mine = summary(records, hr1_all)
-        sasrec = summary([{"hit": encoder_results[r["seed"]]["hit@1"]} for r in records if r["seed"] in encoder_results],
-                         lambda r: r["hit"])  # fmt: skip
+        hits = [{"hit": encoder_results[r["seed"]]["hit@1"]} for r in records if r["seed"] in encoder_results]
+        sasrec = summary(hits, lambda r: r["hit"])
         first = records[0]
         pairs = None
         if first["seed"] in encoder_results and "_path" in first:

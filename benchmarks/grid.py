@@ -9,7 +9,8 @@
 Every run is a subprocess (``--worker``) that trains and tests one row on one dataset with one seed and writes
 ``<output>/runs/<dataset>/<row>-seed<seed>-<hash>.json`` atomically when it has finished; ``<hash>`` digests the
 run's resolved RecBole configuration, so a finished run is skipped and a changed setting is run anew. Killing the
-grid loses at most the run in progress. Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
+grid loses little: rerun it, and the killed run resumes from its last training state (an LLM row writes one every
+10 training batches and when training ends). Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
 Several grid processes may share ``--output`` and ``--work`` (one per core): runs are locked while they run, so the
 processes split the pending runs between them.
 
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -76,9 +78,15 @@ ROWS = {
     "iLoRA-gate-prompt_mean": ("llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA, 4x2, gate on the prompt mean"),
     "UniformLoRA-generative": ("llm", "UniformLoRA", {}, "UniformLoRA trained and tested the paper's way (generative)"),
     "iLoRA-generative": ("llm", "iLoRA", {}, "iLoRA trained and tested the paper's way (generative)"),
-    "iLoRA-K1-generative": ("llm", "iLoRA", {"lora_num_experts": 1, "lora_expert_rank": 8}, "iLoRA-K1, the paper's way"),
-    "iLoRA-K2-generative": ("llm", "iLoRA", {"lora_num_experts": 2, "lora_expert_rank": 4}, "iLoRA-K2, the paper's way"),
-    "iLoRA-K8-generative": ("llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA-K8, the paper's way"),
+    "iLoRA-K1-generative": (
+        "llm", "iLoRA", {"lora_num_experts": 1, "lora_expert_rank": 8}, "iLoRA-K1, the paper's way"
+    ),
+    "iLoRA-K2-generative": (
+        "llm", "iLoRA", {"lora_num_experts": 2, "lora_expert_rank": 4}, "iLoRA-K2, the paper's way"
+    ),
+    "iLoRA-K8-generative": (
+        "llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA-K8, the paper's way"
+    ),
     "iLoRA-gate-uniform-generative": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA-gate-uniform, the paper's way"),
     "iLoRA-gate-prompt_mean-generative": (
         "llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA-gate-prompt_mean, the paper's way"
@@ -126,6 +134,7 @@ VOLATILE_KEYS = {
     "checkpoint_dir", "data_path", "device", "gpu_id", "use_gpu", "show_progress", "state", "local_rank",
     "single_spec", "nproc", "world_size", "offset", "ip", "port", "sasrec_checkpoint", "llm_cache_dir",
     "log_wandb", "wandb_project", "worker", "config_files", "resume_checkpoint", "dist_backend",
+    "training_state_every_batches",  # resumption is exact (tested): where states are written changes no figure
     "llm_candidates_per_forward", "full_sort_max_scores",  # memory bounds: the scores do not depend on them (tested)
 }  # fmt: skip
 # Keys added after runs were recorded, at the values that reproduce what those runs did: left out of the hash at
@@ -133,7 +142,8 @@ VOLATILE_KEYS = {
 NEUTRAL_DEFAULTS = {
     "objective": "head", "llm_activation_checkpointing": False, "lapse": None,
     "continual_blocks": 5, "continual_penalty": "none", "continual_penalty_weight": 2.0, "continual": False,
-    "continual_strategy": "softmax_kl", "continual_lr_scale": 0.1, "continual_block": None, "continual_cumulative": False,
+    "continual_strategy": "softmax_kl", "continual_lr_scale": 0.1, "continual_block": None,
+    "continual_cumulative": False,
     "continual_l2_weights": [0.1, 1, 10],
 }  # fmt: skip
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
@@ -406,9 +416,11 @@ def execute(runs, output, work, after_each=None):
                     continue
                 spec["encoder_file"] = str(run_file(output, encoder_run))
             spec_path = work / "logs" / f"{run['run_id']}.spec.json"
+            spec.update(earlier_attempt(work, run["run_id"]))
             spec_path.write_text(json.dumps(spec, indent=1))
             log_path = work / "logs" / f"{run['run_id']}.log"
-            print(f"[{number}/{len(pending)}] {run['run_id']} ... ", end="", flush=True)
+            resumed = f" (resumed from {spec['resume_checkpoint']})" if spec.get("resume_checkpoint") else ""
+            print(f"[{number}/{len(pending)}] {run['run_id']}{resumed} ... ", end="", flush=True)
             started = time.time()
             with open(log_path, "w", encoding="utf-8") as log:
                 code = subprocess.call(
@@ -427,6 +439,29 @@ def execute(runs, output, work, after_each=None):
         if after_each:
             after_each()
     return failed
+
+
+def earlier_attempt(work, run_id):
+    """What an unfinished earlier attempt of ``run_id`` left (its worker killed, or the grid stopped): its log moved
+    to ``<run>.attempt-<n>.log``, its wall time, and the training state it named, which the new attempt resumes
+    from (``resume_checkpoint``: exact, so the run's hash and figures stay; a state written when training had finished
+    sends the run straight to its tests). Returns the spec's ``earlier_attempts`` and ``resume_checkpoint``."""
+    logs = Path(work) / "logs"
+    log_path, spec_path = logs / f"{run_id}.log", logs / f"{run_id}.spec.json"
+    if not log_path.exists():
+        return {}
+    attempts = json.loads(spec_path.read_text()).get("earlier_attempts", []) if spec_path.exists() else []
+    started = spec_path.stat().st_mtime if spec_path.exists() else log_path.stat().st_mtime
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(encoding="utf-8", errors="replace"))
+    states = re.findall(r"Training state(?::| loaded from) (\S+?\.training_state\.pth)", text)
+    # A worker that died of an error is not resumed: the error may have been in what it trained.
+    state = states[-1] if states and "Traceback (most recent call last)" not in text else None
+    moved = logs / f"{run_id}.attempt-{len(attempts) + 1}.log"
+    wall = log_path.stat().st_mtime - started
+    log_path.rename(moved)
+    attempts.append({"log": moved.name, "wall_seconds": wall, "training_state": state})
+    resume = state if state and (Path(work) / state).exists() else None
+    return {"earlier_attempts": attempts, "resume_checkpoint": str(Path(work) / resume) if resume else None}
 
 
 @contextlib.contextmanager
@@ -456,6 +491,8 @@ def worker(spec_path):
     config_dict = dict(spec["config_dict"])
     if spec.get("encoder_file"):
         config_dict["sasrec_checkpoint"] = encoder_checkpoint(spec["encoder_file"])
+    if spec.get("resume_checkpoint"):  # an earlier attempt was killed: go on from its training state
+        config_dict["resume_checkpoint"] = spec["resume_checkpoint"]
     config = resolve_config(spec["model"], spec["dataset"], spec["config_files"], config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -474,7 +511,8 @@ def worker(spec_path):
         "commit": git_commit(),
         "hardware": hardware(),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": time.time() - STARTED,
+        # Over every attempt (an earlier one killed and resumed from: "attempts"); CPU time is this process's only.
+        "wall_seconds": time.time() - STARTED + sum(a["wall_seconds"] for a in spec.get("earlier_attempts", [])),
         "cpu_seconds": time.process_time(),  # user + system time of this process: less sensitive to a busy machine
         "trainable_parameters": result["trainable_parameters"],
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
@@ -490,6 +528,9 @@ def worker(spec_path):
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
     }
+    if spec.get("earlier_attempts"):
+        record["attempts"] = spec["earlier_attempts"] + [{"wall_seconds": time.time() - STARTED, "last": True}]
+        record["resumed_from"] = spec.get("resume_checkpoint")
     if record["generative"]:  # every user's candidates, answer and verdict, next to the run's JSON
         with open(record["generative"]["generations_file"], "rb") as source:
             with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
@@ -507,7 +548,6 @@ def recover(spec_path, commit=None):
     ``recovered_from_log``: the metrics, generative result, timings, trainable parameters and checkpoint from the
     run's log, the gates from its checkpoint, the generations from its file. CPU time is not known."""
     import ast
-    import re
     import types
 
     spec = json.loads(Path(spec_path).read_text())
@@ -522,7 +562,10 @@ def recover(spec_path, commit=None):
             raise ValueError(f"{log_path}: no line matches {pattern!r}; the run did not finish testing")
         return found[-1]
 
-    test = {mode: dict(eval(metrics, namespace)) for mode, metrics in re.findall(r"test result \((\w+)\): (OrderedDict\(.*\))", text)}
+    test = {
+        mode: dict(eval(metrics, namespace))
+        for mode, metrics in re.findall(r"test result \((\w+)\): (OrderedDict\(.*\))", text)
+    }
     generative = ast.literal_eval(last(r"generative test: (\{.*\})")) if "generative test:" in text else None
     saved_model_file = str((work / last(r"Saving current: (\S+\.pth)")).resolve())
     sys.argv = sys.argv[:1]
@@ -535,7 +578,9 @@ def recover(spec_path, commit=None):
         "dataset": spec["dataset"], "seed": spec["seed"], "command": spec["command"],
         "commit": commit or git_commit(),
         "hardware": hardware(),
-        "finished": datetime.datetime.fromtimestamp(log_path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds"),
+        "finished": datetime.datetime.fromtimestamp(log_path.stat().st_mtime, datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
         "wall_seconds": log_path.stat().st_mtime - Path(spec_path).stat().st_mtime,
         "trainable_parameters": int(last(r"Trainable parameters: (\d+)")),
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
@@ -667,10 +712,14 @@ def render_lapse(dataset, planned, by_row, quick, done):
         "with) / without, per seed, then mean ± std over seeds. RecBole's models train until early stopping fires "
         f"(`{os.path.relpath(BASELINE_BUDGET, REPO)}`); LLM rows: {backbone_line(planned)}, the shipped budget.",
         "",
-        "| model | seeds | " + " | ".join(
-            f"{mode} {metric} {which}" for mode in modes for metric in LAPSE_METRICS[:1]
+        "| model | seeds | "
+        + " | ".join(
+            f"{mode} {metric} {which}"
+            for mode in modes
+            for metric in LAPSE_METRICS[:1]
             for which in ("without lapse", "with lapse", "drop")
-        ) + " | epochs | wall min/run |",  # fmt: skip
+        )
+        + " | epochs | wall min/run |",  # fmt: skip
         "|---|---|" + "---|" * (3 * len(modes)) + "---|---|",
     ]
     for row, records in by_row.items():
@@ -693,13 +742,14 @@ def render_lapse(dataset, planned, by_row, quick, done):
     out += ["| unit | CaseQ's drop | the backbone's drop | verdict |", "|---|---|---|---|"]
     for caseq, backbone in (("CaseQ", "SASRec"), ("CaseQ-gru", "GRU4Rec")):
         for mode in modes:
+
             def drop(record, mode=mode):
                 return record["lapse_drops"][mode][LAPSE_METRICS[0]]
 
             a, b = claims.summary(by_row.get(caseq, []), drop), claims.summary(by_row.get(backbone, []), drop)
             if not a or not b:
-                out.append(f"| {caseq} vs {backbone} ({mode}) | {claims.fmt_summary(a)} | {claims.fmt_summary(b)} | "
-                           "not measured |")  # fmt: skip
+                cells = f"{claims.fmt_summary(a)} | {claims.fmt_summary(b)}"
+                out.append(f"| {caseq} vs {backbone} ({mode}) | {cells} | not measured |")
                 continue
             d = claims.in_std_units(b, a)  # the claim: CaseQ's drop is the smaller
             verdict = claims.verdict_words(d, None, b["mean"] > a["mean"])
@@ -707,8 +757,9 @@ def render_lapse(dataset, planned, by_row, quick, done):
                        f"{claims.fmt_summary(b)} | {verdict} |")  # fmt: skip
     out += ["", "## Runs", "", "| run | finished | epochs (cap) | wall min | commit |", "|---|---|---|---|---|"]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
-        out.append(f"| {record['run_id']} | {record['finished']} | {record.get('epochs_run')} ({record.get('epochs_cap')})"
-                   f" | {record['wall_seconds'] / 60:.1f} | {record['commit']} |")  # fmt: skip
+        epochs = f"{record.get('epochs_run')} ({record.get('epochs_cap')})"
+        minutes = f"{record['wall_seconds'] / 60:.1f}"
+        out.append(f"| {record['run_id']} | {record['finished']} | {epochs} | {minutes} | {record['commit']} |")
     return "\n".join(out) + "\n"
 
 
@@ -722,6 +773,41 @@ def recorded_runs(planned, output):
             record["_path"] = str(run_file(output, run))  # its generations and gates lie next to it
             (stale if trained_with_another_encoder(output, run, record) else done).append(record)
     return done, stale
+
+
+def status_lines(planned, output):
+    """``--status``: every planned run, done or pending; a pending run's wall time estimated from the finished runs of
+    its row (on its dataset, else on any), so that a partial grid can be budgeted; then the total."""
+    walls = collections.defaultdict(list)
+    for run in planned:
+        if finished(output, run):
+            record = json.loads(run_file(output, run).read_text())
+            walls[(run["row"], run["dataset"])].append(record["wall_seconds"])
+            walls[(run["row"], None)].append(record["wall_seconds"])
+    lines, pending, unknown = [], 0.0, []
+    for run in planned:
+        if finished(output, run):
+            lines.append(f"done    {run['dataset']:<12} {run['run_id']}")
+            continue
+        known = walls.get((run["row"], run["dataset"])) or walls.get((run["row"], None))
+        estimate = statistics.fmean(known) / 3600 if known else None
+        if estimate is None:
+            unknown.append(run["row"])
+        else:
+            pending += estimate
+        cost = f"~{estimate:.2f} h" if estimate is not None else "? h"
+        lines.append(f"pending {run['dataset']:<12} {run['run_id']:<52} {cost}")
+    waiting = len([line for line in lines if line.startswith("pending")])
+    lines.append(
+        f"{len(planned) - waiting} of {len(planned)} runs done; the {waiting - len(unknown)} pending runs with an "
+        f"estimate need ~{pending:.1f} wall-hours as their rows' finished runs took"
+        + (
+            f"; {len(unknown)} more have no finished run of their row yet ({', '.join(sorted(set(unknown)))})"
+            if unknown
+            else ""
+        )  # fmt: skip
+    )
+    return lines
 
 
 def update_readme(markdown, done, planned):
@@ -949,7 +1035,8 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "",
         "Training budget: no hyperparameter was tuned for any row, on any split. RecBole's models use RecBole's "
         f"defaults and the budget of `{os.path.relpath(BASELINE_BUDGET, REPO)}` (early stopping on validation "
-        "NDCG@10); the LLM rows use the plugin's shipped defaults (`properties/model/LLMSequentialRecommender.yaml`: 1 epoch); the "
+        "NDCG@10); the LLM rows use the plugin's shipped defaults "
+        "(`properties/model/LLMSequentialRecommender.yaml`: 1 epoch); the "
         "SASRec encoder uses iLoRA's `sasrec_*` keys. The LLM rows' wall time excludes the encoder's "
         "(its own row), which the shipped `--model=iLoRA` command spends first.",
         "",
@@ -1175,8 +1262,7 @@ def main():
     report_seeds = sorted(set(seeds) | set(SEEDS[:1] if args.quick else SEEDS))
     report_runs = plan(datasets, report_rows, report_seeds, args.quick, backbone, args.protocol)
     if args.status:
-        for run in report_runs:
-            print(f"{'done   ' if finished(output, run) else 'pending'} {run['dataset']:<12} {run['run_id']}")
+        print("\n".join(status_lines(report_runs, output)))
         return 0
 
     def write_reports():

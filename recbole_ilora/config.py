@@ -45,7 +45,8 @@ class Config(RecBoleConfig):
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
         self._load_plugin_property_file(root / "overall.yaml")  # the plugin's keys for every model
-        # A plugin model reads its base classes' property files first (UniformLoRA reads LLMSequentialRecommender.yaml, iLoRA.yaml, then its own).
+        # A plugin model reads its base classes' property files first (UniformLoRA reads
+        # LLMSequentialRecommender.yaml, iLoRA.yaml, then its own).
         for cls in reversed(model_class.__mro__):
             if cls.__module__.startswith("recbole_ilora."):
                 self._load_plugin_property_file(root / "model" / f"{cls.__name__}.yaml")

@@ -89,8 +89,9 @@ def apply_time_block(config, dataset, block, cumulative=False):
         train, valid, test, stats = block_rows(groups, row_blocks, block, cumulative)
         dataset.block_stats = stats
         getLogger().info(
-            f"time block {block} of {num_blocks}{' (cumulative training)' if cumulative else ''}: {stats['users']} users, "
-            f"{stats['training_sequences']} training sequences, {stats['users_left_out']} users with fewer than 3 events "
+            f"time block {block} of {num_blocks}{' (cumulative training)' if cumulative else ''}: "
+            f"{stats['users']} users, {stats['training_sequences']} training sequences, "
+            f"{stats['users_left_out']} users with fewer than 3 events "
             "in the block left out"
         )
         if stats["users"] == 0:

@@ -48,7 +48,8 @@ def check_continual_config(config):
     model_class = get_model(config["model"])
     if not issubclass(model_class, LLMSequentialRecommender) or issubclass(model_class, Laser):
         raise ValueError(
-            f"'continual' trains a LoRA model of the plugin block after block (iLoRA, UniformLoRA), not {config['model']!r}."
+            "'continual' trains a LoRA model of the plugin block after block (iLoRA, UniformLoRA), "
+            f"not {config['model']!r}."
         )
     strategy = config["continual_strategy"]
     if strategy not in STRATEGIES:
@@ -106,15 +107,25 @@ def run_continual(config, saved=True):
         with open(progress_file, encoding="utf-8") as file:
             progress = json.load(file)
         if progress["strategy"] != strategy or progress["blocks_total"] != config["continual_blocks"]:
-            raise ValueError(f"{progress_file} is a run of strategy {progress['strategy']!r} over "
-                             f"{progress['blocks_total']} blocks, not {strategy!r} over {config['continual_blocks']}")  # fmt: skip
+            raise ValueError(
+                f"{progress_file} is a run of strategy {progress['strategy']!r} over {progress['blocks_total']} "
+                f"blocks, not {strategy!r} over {config['continual_blocks']}"
+            )
         config["resume_checkpoint"] = None
         logger.info(set_color("continual", "green") + f": resuming {progress_file} at block {len(progress['blocks'])}")
     else:
         os.makedirs(config["checkpoint_dir"], exist_ok=True)
-        progress_file = os.path.join(config["checkpoint_dir"], f"{config['model']}-continual-{get_local_time()}.continual.json")
-        progress = {"model": config["model"], "dataset": config["dataset"], "strategy": strategy, "seed": config["seed"],
-                    "blocks_total": config["continual_blocks"], "blocks": []}  # fmt: skip
+        progress_file = os.path.join(
+            config["checkpoint_dir"], f"{config['model']}-continual-{get_local_time()}.continual.json"
+        )
+        progress = {
+            "model": config["model"],
+            "dataset": config["dataset"],
+            "strategy": strategy,
+            "seed": config["seed"],
+            "blocks_total": config["continual_blocks"],
+            "blocks": [],
+        }
     base_lr = config["learning_rate"]
     for block in range(len(progress["blocks"]), config["continual_blocks"]):
         started = datetime.datetime.now()

@@ -349,7 +349,9 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
             train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
         )
         timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
-        epochs_run = max(trainer.train_loss_dict) + 1 if trainer.train_loss_dict else trainer.start_epoch
+        epochs_run = getattr(trainer, "epochs_trained", None)  # the plugin's trainer counts a resumed run's epochs
+        if epochs_run is None:
+            epochs_run = max(trainer.train_loss_dict) + 1 if trainer.train_loss_dict else trainer.start_epoch
         started = time.perf_counter()
         # Every test mode scores the same test histories with the same weights: an LLM model encodes each once.
         reuse = model.reusing_encodings() if isinstance(model, LLMSequentialRecommender) else contextlib.nullcontext()

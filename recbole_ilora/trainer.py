@@ -4,11 +4,15 @@ checkpoint files, and exact resumption.
 - ``saved/<model>-<time>.pth``, the model checkpoint: the best trained parameters (adapter, gate, projector, head),
   the plain-dict configuration that rebuilds the frozen parts, epoch and best score, written whenever the validation
   score improves (RecBole's rule). This is the file to share, to test and to reload (``load_data_and_model``).
-- ``saved/<model>-<time>.training_state.pth``, written at the start of every epoch: everything the run needs to go
-  on exactly where it was: the latest trained parameters, the optimizer's state, the epoch, the early-stopping
-  counter, best score and result, and every random state (torch, CUDA, numpy, Python, the training loader's
-  shuffling generator). ``resume_checkpoint`` (the runner's ``resume_checkpoint`` key) restarts from it; a run
-  killed at any point and resumed ends with the same metrics as one never interrupted.
+- ``saved/<model>-<time>.training_state.pth``, written at the start of every epoch, every
+  ``training_state_every_batches`` training batches within an epoch, and once more when training has finished:
+  everything the run needs to go on exactly where it was: the latest trained parameters, the optimizer's state, the
+  epoch and the batches of it already trained, the early-stopping counter, best score and result, and every random
+  state (torch, CUDA, numpy, Python, the training loader's shuffling generator at the epoch's start).
+  ``resume_checkpoint`` (the runner's ``resume_checkpoint`` key) restarts from it; a run killed at any point and
+  resumed ends with the same metrics as one never interrupted. Resumed within an epoch, the loader replays the
+  epoch's order and skips the batches already trained (RecBole's logged loss of that epoch then sums the remaining
+  batches only). Resumed from a finished training, nothing trains and the run goes straight to its tests.
 
 Both are written atomically (a kill during a save leaves the previous file intact) and load with
 ``torch.load(weights_only=True)``: tensors and plain values, never pickled code.
@@ -115,6 +119,11 @@ class LLMRecTrainer(Trainer):
         self.best_epoch = None  # the epoch of the model checkpoint on disk, if any
         self._saving = True
         self._resumed_loader_state = None
+        self._resumed_batches = 0  # batches of the first resumed epoch trained before the kill
+        self._resumed_random_states = None  # the random states after those batches
+        self._training_finished = False  # resumed from the state written when training had finished
+        self.epochs_trained = None  # epochs trained by the run, whatever process trained them (set once fit ends)
+        self.state_every_batches = int(config["training_state_every_batches"] or 0)
         if not config["single_spec"]:  # every process names the files of the first (each has its own clock)
             self.saved_model_file = first_process_value(self.saved_model_file)
 
@@ -137,7 +146,14 @@ class LLMRecTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._saving = saved
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if self._training_finished:  # RecBole's fit would save the latest weights over the best checkpoint
+            self.logger.info(set_color("Training had finished", "blue") + ": testing the best checkpoint")
+            return self.best_valid_score, self.best_valid_result
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self.epochs_trained = max(self.train_loss_dict) + 1 if self.train_loss_dict else self.start_epoch
+        if saved:  # a kill during the tests resumes to the tests
+            self.save_training_state(self.epochs_trained, finished=True)
+        return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self._resumed_loader_state is not None:  # the first epoch after resume_checkpoint: shuffle as before
@@ -145,16 +161,24 @@ class LLMRecTrainer(Trainer):
             self._resumed_loader_state = None
         elif self._saving:
             self.save_training_state(epoch_idx, train_data)
-        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        skip, self._resumed_batches = self._resumed_batches, 0
+        batches = _ResumableBatches(self, train_data, epoch_idx, skip)
+        return super()._train_epoch(batches, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
-    def save_training_state(self, epoch, train_data=None):
-        """Write the training state for starting ``epoch`` (see the module docstring)."""
+    def save_training_state(self, epoch, train_data=None, batch=0, loader_state=None, finished=False):
+        """Write the training state for going on at ``batch`` of ``epoch`` (see the module docstring); within an
+        epoch, ``loader_state`` is the loader's generator at the epoch's start. ``finished``: training has ended
+        (``epoch`` epochs were trained)."""
         if not self._is_writer():
             return
+        if loader_state is None and train_data is not None:
+            loader_state = train_data.generator.get_state()
         state = {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
             "epoch": epoch,
+            "batch": batch,
+            "finished": finished,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": None
@@ -165,12 +189,12 @@ class LLMRecTrainer(Trainer):
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
             "random_states": random_states(),
-            "loader_generator": None if train_data is None else train_data.generator.get_state(),
+            "loader_generator": loader_state,
             "config": plain_config(self.config),
         }
         path = training_state_file(self.saved_model_file)
         atomic_torch_save(state, path)
-        if epoch == self.start_epoch:
+        if epoch == self.start_epoch and batch == 0 and not finished:
             self.logger.info(set_color("Training state", "blue") + f": {path} (resume with --resume_checkpoint=<it>)")
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
@@ -224,4 +248,47 @@ class LLMRecTrainer(Trainer):
         self.optimizer.load_state_dict(state["optimizer"])
         set_random_states(state["random_states"])
         self._resumed_loader_state = state["loader_generator"]
-        self.logger.info(f"Training state loaded from {state_file}. Resume training from epoch {self.start_epoch}")
+        self._resumed_batches = int(state.get("batch") or 0)
+        self._resumed_random_states = state["random_states"] if self._resumed_batches else None
+        if state.get("finished"):
+            self._training_finished = True
+            self.epochs_trained = state["epoch"]
+            self.logger.info(
+                f"Training state loaded from {state_file}: training had finished ({state['epoch']} epochs)"
+            )
+            return
+        within = f", batch {self._resumed_batches}" if self._resumed_batches else ""
+        self.logger.info(
+            f"Training state loaded from {state_file}. Resume training from epoch {self.start_epoch}{within}"
+        )
+
+
+class _ResumableBatches:
+    """The training loader of one epoch as the trainer's loop sees it: the first ``skip`` batches (trained before a
+    kill) are drawn and dropped, then the random states saved after them are restored; every
+    ``training_state_every_batches`` batches, the training state is written before the next batch is trained.
+    Everything else (length, sampler, shuffle) is the loader's."""
+
+    def __init__(self, trainer, loader, epoch, skip):
+        self._trainer, self._loader, self._epoch, self._skip = trainer, loader, epoch, skip
+        self._loader_state = loader.generator.get_state()  # the epoch's order (set by the caller for this epoch)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __iter__(self):
+        trainer, every = self._trainer, self._trainer.state_every_batches
+        for index, batch in enumerate(self._loader):
+            if index < self._skip:
+                continue
+            if index == self._skip and trainer._resumed_random_states is not None:
+                set_random_states(trainer._resumed_random_states)  # as they were after the skipped batches
+                trainer._resumed_random_states = None
+            elif every and index % every == 0 and index and trainer._saving:
+                random_after_fetch = random_states()  # the state a resumed run restores after drawing this batch
+                trainer.save_training_state(self._epoch, batch=index, loader_state=self._loader_state)
+                set_random_states(random_after_fetch)
+            yield batch

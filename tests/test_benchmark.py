@@ -4,8 +4,8 @@ all models, and a tiny resumable grid run checking the files it writes."""
 import gzip
 import json
 import math
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 
@@ -70,7 +70,9 @@ def test_test_modes_full_equals_recboles_own_test_and_adds_uni19():
     with torch.no_grad():
         for interaction, _, _, _ in _loader_batches(test_config):
             scores = model.predict(interaction)
-            for user, item, score in zip(interaction["user_id"].tolist(), interaction["item_id"].tolist(), scores):
+            for user, item, score in zip(
+                interaction["user_id"].tolist(), interaction["item_id"].tolist(), scores, strict=True
+            ):
                 first.setdefault(user, (item, float(score)))  # each user's first row is its target
                 users.setdefault(user, []).append(float(score))
     hits = [first[user][1] > max(scores[1:]) for user, scores in users.items()]
@@ -427,8 +429,8 @@ def test_claims_compare_one_seed_user_by_user_and_several_seeds_in_stds(tmp_path
              for row, hr in (("iLoRA-generative", 0.30), ("UniformLoRA-generative", 0.29))}  # fmt: skip
     close = claims.compare_rows(seeds, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
     assert "d = +1.0" in close["figure"] and close["verdict"].startswith("not distinguishable")  # 0.01 / std 0.01
-    assert claims.parameter_claim({"iLoRA": [{"trainable_parameters": 1005}],
-                                   "UniformLoRA": [{"trainable_parameters": 1000}]})["verdict"] == "reproduced"  # fmt: skip
+    parameters = {"iLoRA": [{"trainable_parameters": 1005}], "UniformLoRA": [{"trainable_parameters": 1000}]}
+    assert claims.parameter_claim(parameters)["verdict"] == "reproduced"
 
 
 def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them(sasrec_checkpoint, tmp_path):
@@ -475,3 +477,57 @@ def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
     line = next(line for line in markdown.splitlines() if line.startswith("| SASRec | 1 |"))
     assert f"{before:.4f} | {after:.4f} | {(before - after) / before:.4f}" in line
     assert "| CaseQ | 0 |" in markdown  # the quick lapse grid's other row, pending
+
+
+def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    logs, saved = tmp_path / "logs", tmp_path / "saved"
+    logs.mkdir()
+    saved.mkdir()
+    assert grid.earlier_attempt(tmp_path, "r") == {}  # a first attempt resumes nothing
+    (saved / "iLoRA-x.training_state.pth").write_bytes(b"state")
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r"}))
+    (logs / "r.log").write_text(
+        "INFO  \x1b[34mTraining state\x1b[0m: saved/iLoRA-x.training_state.pth (resume with --resume_checkpoint=<it>)\n"
+        "Train     0:  24%|##4       | 14/59\n"  # killed here
+    )
+    first = grid.earlier_attempt(tmp_path, "r")
+    assert first["resume_checkpoint"] == str(saved / "iLoRA-x.training_state.pth")
+    assert [a["log"] for a in first["earlier_attempts"]] == ["r.attempt-1.log"]
+    assert not (logs / "r.log").exists() and (logs / "r.attempt-1.log").exists()  # the killed attempt's log is kept
+
+    # The resumed attempt is killed too: its log names the state it loaded, and both attempts are counted.
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r", **first}))
+    (logs / "r.log").write_text("Training state loaded from saved/iLoRA-x.training_state.pth. Resume training\n")
+    second = grid.earlier_attempt(tmp_path, "r")
+    assert second["resume_checkpoint"] == first["resume_checkpoint"]
+    assert [a["log"] for a in second["earlier_attempts"]] == ["r.attempt-1.log", "r.attempt-2.log"]
+
+    # A worker that died of an error starts again from scratch (the error may be in what it trained).
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r", **second}))
+    (logs / "r.log").write_text(
+        "Training state: saved/iLoRA-x.training_state.pth (resume\nTraceback (most recent call last):\n  ValueError\n"
+    )
+    third = grid.earlier_attempt(tmp_path, "r")
+    assert third["resume_checkpoint"] is None and len(third["earlier_attempts"]) == 3
+
+
+def test_status_estimates_pending_runs_from_finished_runs_of_their_row(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def run(row, dataset, seed):
+        return {"row": row, "dataset": dataset, "run_id": f"{row}-seed{seed}-h", "kind": "baseline", "encoder": None}
+
+    planned = [run("A", "d", 1), run("A", "d", 2), run("A", "e", 1), run("B", "d", 1)]
+    for done, wall in ((planned[0], 3600), (planned[2], 7200)):
+        grid.run_file(tmp_path, done).parent.mkdir(parents=True, exist_ok=True)
+        grid.run_file(tmp_path, done).write_text(json.dumps({"run_id": done["run_id"], "wall_seconds": wall}))
+    lines = grid.status_lines(planned, tmp_path)
+    assert lines[0].startswith("done") and lines[2].startswith("done")
+    assert lines[1].startswith("pending") and lines[1].endswith("~1.00 h")  # row A on its own dataset d: 1 h
+    assert lines[3].endswith("? h")  # row B never finished anywhere
+    assert lines[-1].startswith("2 of 4 runs done; the 1 pending runs with an estimate need ~1.0 wall-hours")
+    assert lines[-1].endswith("1 more have no finished run of their row yet (B)")

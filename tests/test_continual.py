@@ -215,8 +215,8 @@ def test_a_killed_run_resumes_at_its_block_and_ends_as_an_uninterrupted_one(cont
     monkeypatch.setattr(runner, "train_and_evaluate", killed_in_block_2)
     with pytest.raises(KeyboardInterrupt):
         run_blocks(continual_settings, continual_strategy="finetune")
-    (progress_file,) = [p for p in (continual_settings["checkpoint_dir"],) for p in __import__("glob").glob(p + "/*.continual.json")
-                        if p != whole["progress_file"]]  # fmt: skip
+    pattern = continual_settings["checkpoint_dir"] + "/*.continual.json"
+    (progress_file,) = [p for p in __import__("glob").glob(pattern) if p != whole["progress_file"]]
     monkeypatch.setattr(runner, "train_and_evaluate", original)
     resumed = run_blocks(continual_settings, continual_strategy="finetune", resume_checkpoint=progress_file)
     assert calls == [0, 1, 2] and [b["block"] for b in resumed["blocks"]] == [0, 1, 2]

@@ -97,9 +97,7 @@ def test_a_general_model_splits_its_interactions_alike(positions_data):
 
 
 def test_a_run_reports_both_tests_and_the_relative_drop(positions_data):
-    result = objective_function(
-        config_dict=settings(positions_data, epochs=1, test_modes=["full", "uni19"])
-    )
+    result = objective_function(config_dict=settings(positions_data, epochs=1, test_modes=["full", "uni19"]))
     tests = result["test_results"]
     assert set(tests) == {"full", "full_no_lapse", "uni19", "uni19_no_lapse"}
     assert tests["full"] == result["test_result"]  # RecBole's test is the test with lapse

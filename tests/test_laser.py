@@ -70,8 +70,8 @@ def test_balance_loss_against_a_hand_computation():
 
 @pytest.fixture()
 def laser(sasrec_checkpoint, llm_cache):
-    config = Config(model="Laser", config_dict={**TINY, "model": "Laser", **SMALL, "sasrec_checkpoint": sasrec_checkpoint,
-                                                "llm_cache_dir": llm_cache})  # fmt: skip
+    settings = {**TINY, "model": "Laser", **SMALL, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    config = Config(model="Laser", config_dict=settings)
     train, _, _ = prepare_data(config, create_dataset(config))
     return Laser(config, train._dataset), train
 
@@ -105,8 +105,9 @@ def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_
         return original(self)
 
     monkeypatch.setattr(Laser, "item_table", counted)
-    result = objective_function(config_dict={**TINY, "model": "Laser", **SMALL, "epochs": 2, "test_modes": ["full", "uni19"],
-                                             "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache})  # fmt: skip
+    settings = {**TINY, "model": "Laser", **SMALL, "epochs": 2, "test_modes": ["full", "uni19"]}
+    settings.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    result = objective_function(config_dict=settings)
     # each epoch: one table for its training steps, one for its validation; then one for the best weights' tests
     assert calls == ["train", "eval", "train", "eval", "eval"]
     assert set(result["test_results"]) == {"full", "uni19"} and result["model_summary"]["balance_loss"] > 0

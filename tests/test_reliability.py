@@ -21,7 +21,8 @@ from recbole_ilora.quick_start import load_data_and_model, objective_function
 from recbole_ilora.trainer import claim_checkpoint_file, release_unused_file
 
 # A run in a subprocess (config as JSON in argv[1], result JSON to argv[2]); with argv[3] = "E", the process
-# SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written.
+# SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written; with
+# argv[3] = "test", when the test starts (training has finished).
 RUN_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
@@ -29,7 +30,16 @@ RUN_SCRIPT = textwrap.dedent(
     from recbole_ilora.trainer import LLMRecTrainer
 
     config, output = json.loads(sys.argv[1]), sys.argv[2]
-    if len(sys.argv) > 3:
+    if len(sys.argv) > 3 and sys.argv[3] == "test":
+        evaluate = LLMRecTrainer.evaluate
+
+        def dying_evaluate(self, eval_data, load_best_model=True, **kwargs):
+            if load_best_model:  # RecBole's test (validation does not load the best model)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return evaluate(self, eval_data, load_best_model, **kwargs)
+
+        LLMRecTrainer.evaluate = dying_evaluate
+    elif len(sys.argv) > 3:
         kill_epoch, train_epoch = int(sys.argv[3]), LLMRecTrainer._train_epoch
 
         def dying_train_epoch(self, train_data, epoch_idx, **kwargs):
@@ -47,7 +57,7 @@ RUN_SCRIPT = textwrap.dedent(
 
         LLMRecTrainer._train_epoch = dying_train_epoch
     result = objective_function(config_dict=config)
-    keys = ["best_valid_result", "test_result", "test_results", "saved_model_file"]
+    keys = ["best_valid_result", "test_result", "test_results", "saved_model_file", "train_losses", "epochs_run"]
     with open(output, "w") as file:
         json.dump({key: result[key] for key in keys}, file)
     """
@@ -101,7 +111,46 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(sasrec_checkpoint, l
     assert result["saved_model_file"] == str(model_file)  # the same files go on
     for key in ("best_valid_result", "test_result", "test_results"):
         assert result[key] == expected[key], key  # exactly: full ranking and uni19
-    assert safe_load(state_file)["epoch"] == 2
+    assert (safe_load(state_file)["epoch"], safe_load(state_file)["finished"]) == (3, True)  # trained to the end
+
+
+def killed_and_resumed(config, tmp_path, name, kill):
+    """The run of ``config`` killed at ``kill`` (see RUN_SCRIPT), its training state, and the run resumed from it."""
+    killed = {**config, "checkpoint_dir": f"saved-{name}"}
+    process, result = run_in_subprocess(killed, tmp_path, f"{name}-killed", kill_epoch=kill)
+    assert process.returncode == -signal.SIGKILL and result is None
+    (state_file,) = (tmp_path / f"saved-{name}").glob("iLoRA-*.training_state.pth")
+    (model_file,) = [path for path in (tmp_path / f"saved-{name}").glob("iLoRA-*.pth") if path != state_file]
+    state = safe_load(state_file)
+    process, result = run_in_subprocess({**killed, "resume_checkpoint": str(model_file)}, tmp_path, f"{name}-resumed")
+    assert process.returncode == 0, process.stderr[-3000:]
+    return state, result
+
+
+def test_a_run_killed_within_an_epoch_resumes_at_its_batch_or_its_tests(sasrec_checkpoint, llm_cache, tmp_path):
+    # Dropout draws from the random state, so a replay of the epoch that were off by a batch would not match.
+    config = {**TINY, "model": "iLoRA", "epochs": 2, "stopping_step": 5, "test_modes": ["full", "uni19"]}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, lora_dropout=0.1)
+    process, expected = run_in_subprocess(
+        {**config, "checkpoint_dir": "saved-whole", "training_state_every_batches": 0}, tmp_path, "whole"
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert len(expected["train_losses"]) == 2
+    config["training_state_every_batches"] = 2
+
+    # Killed in the third batch of epoch 0: the state written before it resumes at batch 2 of epoch 0.
+    state, result = killed_and_resumed(config, tmp_path, "batch", kill=0)
+    assert (state["epoch"], state["batch"], state["finished"]) == (0, 2, False)
+    for key in ("best_valid_result", "test_result", "test_results"):
+        assert result[key] == expected[key], key  # exactly, as if never interrupted
+    assert result["epochs_run"] == 2 and result["train_losses"][1] == expected["train_losses"][1]
+
+    # Killed when the test starts: the run resumes to its tests, trains nothing, and tests the same weights.
+    state, result = killed_and_resumed(config, tmp_path, "test", kill="test")
+    assert (state["epoch"], state["finished"]) == (2, True)
+    assert result["train_losses"] == [] and result["epochs_run"] == 2
+    for key in ("best_valid_result", "test_result", "test_results"):
+        assert result[key] == expected[key], key
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes(sasrec_checkpoint, llm_cache, tmp_path):

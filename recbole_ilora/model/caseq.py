@@ -129,7 +129,9 @@ class CaseQ(SequentialRecommender):
             )
             for _ in range(self.num_layers)
         )
-        self.branches = nn.ModuleList(BranchingLayer(self.num_contexts, self.hidden_size) for _ in range(self.num_layers))
+        self.branches = nn.ModuleList(
+            BranchingLayer(self.num_contexts, self.hidden_size) for _ in range(self.num_layers)
+        )
         self.output_norm = nn.LayerNorm(self.hidden_size, eps=1e-8)
         self._init_weights()
 
