@@ -249,8 +249,9 @@ def claims_section(dataset, pretrained_by_row, backbone, budget):
         "",
         f"Ours on the random backbone: the embedded 2-layer LLaMA (`results/embedded-legacy/`, its ablations under the "
         f"scoring head). Ours on the pretrained backbone: `{backbone}`, {budget}; ablations under the paper's "
-        "protocol. Each comparison is against the best of the other rows; d: the difference in pooled standard "
-        "deviations over seeds; where a row has one seed, the paper's-protocol rows are compared user by user (the "
+        "protocol, seed 2020 only (the grid's budget: a generative run costs about 4 CPU-hours). Each comparison "
+        "is against the best of the other rows; d: the difference in pooled standard deviations over seeds; "
+        "where a row has one seed, the paper's-protocol rows are compared user by user (the "
         "same candidate lists): the difference of the share of users answered right (HR@1 (all)) ± its standard "
         "error, and z. A verdict needs d or z beyond ±2.",
         "",

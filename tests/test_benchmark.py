@@ -531,3 +531,14 @@ def test_status_estimates_pending_runs_from_finished_runs_of_their_row(tmp_path,
     assert lines[3].endswith("? h")  # row B never finished anywhere
     assert lines[-1].startswith("2 of 4 runs done; the 1 pending runs with an estimate need ~1.0 wall-hours")
     assert lines[-1].endswith("1 more have no finished run of their row yet (B)")
+
+
+def test_the_pretrained_grid_runs_its_generative_ablations_for_the_first_seed_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    runs = grid.plan(["ml-100k"], ["iLoRA-generative", "iLoRA-K2-generative"], grid.SEEDS, quick=False)
+    seeds = {
+        row: sorted(r["seed"] for r in runs if r["row"] == row) for row in ("iLoRA-generative", "iLoRA-K2-generative")
+    }
+    assert seeds == {"iLoRA-generative": [2020, 2021, 2022], "iLoRA-K2-generative": [2020]}  # the budget's cut
