@@ -162,6 +162,8 @@ class LLMRecTrainer(Trainer):
         elif self._saving:
             self.save_training_state(epoch_idx, train_data)
         skip, self._resumed_batches = self._resumed_batches, 0
+        if skip and hasattr(self.model, "resume_within_epoch"):  # e.g. Laser keeps the item table of the epoch
+            self.model.resume_within_epoch()
         batches = _ResumableBatches(self, train_data, epoch_idx, skip)
         return super()._train_epoch(batches, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 

@@ -97,28 +97,36 @@ def test_the_llm_gets_no_gradient_and_stays_bit_identical(laser):
 
 
 def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_checkpoint, llm_cache, monkeypatch):
-    calls = []
+    calls, tables = [], []
     original = Laser.item_table
 
     def counted(self):
         calls.append("train" if self.training else "eval")
-        return original(self)
+        tables.append(original(self))
+        return tables[-1]
 
     monkeypatch.setattr(Laser, "item_table", counted)
     settings = {**TINY, "model": "Laser", **SMALL, "epochs": 2, "test_modes": ["full", "uni19"]}
     settings.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
     result = objective_function(config_dict=settings)
-    # each epoch: one table for its training steps, one for its validation; then one for the best weights' tests
-    assert calls == ["train", "eval", "train", "eval", "eval"]
+    # One table per epoch, at its first training step; validation and every test mode score against the table the
+    # weights were trained against (the official code's model.I), the best epoch's, which the checkpoint holds.
+    assert calls == ["train", "train"]
     assert set(result["test_results"]) == {"full", "uni19"} and result["model_summary"]["balance_loss"] > 0
+    checkpoint = torch.load(result["saved_model_file"], weights_only=True)
+    assert torch.equal(checkpoint["other_parameter"]["item_vectors"], tables[checkpoint["epoch"]])
 
     calls.clear()
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     interaction = next(iter(test_data))[0]
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
-    assert calls == ["eval"]  # rebuilt from the checkpoint's weights
-    assert set(torch.load(result["saved_model_file"], weights_only=True)["state_dict"]) == set(model.state_dict())
+    assert calls == []  # the checkpoint brought its table
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())
+    model.item_vectors = None  # a model without a table (never trained) computes one from its weights
+    with torch.no_grad():
+        model.full_sort_predict(interaction)
+    assert calls == ["eval"]
     reloaded = load_data_and_model(result["saved_model_file"])[1]
     with torch.no_grad():
         assert torch.allclose(reloaded.full_sort_predict(interaction), scores, atol=1e-5)  # the same scores
