@@ -542,3 +542,25 @@ def test_the_pretrained_grid_runs_its_generative_ablations_for_the_first_seed_on
         row: sorted(r["seed"] for r in runs if r["row"] == row) for row in ("iLoRA-generative", "iLoRA-K2-generative")
     }
     assert seeds == {"iLoRA-generative": [2020, 2021, 2022], "iLoRA-K2-generative": [2020]}  # the budget's cut
+
+
+def test_paired_answers_count_users_per_verdict_and_refuse_unpaired_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import paired_answers
+
+    def line(user, output, correct, candidates=("A", "B")):
+        return {"user_id": user, "candidates": list(candidates), "target": "A", "output": output,
+                "valid": output in candidates, "correct": correct}  # fmt: skip
+
+    a = {1: line(1, "A", True), 2: line(2, "A", True), 3: line(3, "B", False), 4: line(4, "x", False)}
+    b = {1: line(1, "A", True), 2: line(2, "B", False), 3: line(3, "A", True), 4: line(4, "A", True)}
+    result = paired_answers.compare(a, b)
+    assert result["right"] == {"both": 1, "a_only": 1, "b_only": 2, "neither": 0}
+    assert result["same_answer"] == 1 and result["a"]["hr@1_all"] == 0.5 and result["b"]["hr@1_all"] == 0.75
+    assert result["paired_a_minus_b"]["diff"] == pytest.approx(-0.25)
+    path = tmp_path / "a.generations.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as file:
+        file.write("".join(json.dumps(value) + "\n" for value in a.values()))
+    assert paired_answers.read_answers(path) == a
+    with pytest.raises(ValueError, match="user 3 has other candidates"):
+        paired_answers.compare(a, {**b, 3: line(3, "A", True, candidates=("A", "C"))})
