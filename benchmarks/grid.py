@@ -811,10 +811,11 @@ def status_lines(planned, output):
         f"{len(planned) - waiting} of {len(planned)} runs done; the {waiting - len(unknown)} pending runs with an "
         f"estimate need ~{pending:.1f} wall-hours as their rows' finished runs took"
         + (
-            f"; {len(unknown)} more have no finished run of their row yet ({', '.join(sorted(set(unknown)))})"
+            f"; {len(unknown)} more {'has' if len(unknown) == 1 else 'have'} no finished run of their row yet "
+            f"({', '.join(sorted(set(unknown)))})"
             if unknown
             else ""
-        )  # fmt: skip
+        )
     )
     return lines
 

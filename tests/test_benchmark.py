@@ -530,7 +530,7 @@ def test_status_estimates_pending_runs_from_finished_runs_of_their_row(tmp_path,
     assert lines[1].startswith("pending") and lines[1].endswith("~1.00 h")  # row A on its own dataset d: 1 h
     assert lines[3].endswith("? h")  # row B never finished anywhere
     assert lines[-1].startswith("2 of 4 runs done; the 1 pending runs with an estimate need ~1.0 wall-hours")
-    assert lines[-1].endswith("1 more have no finished run of their row yet (B)")
+    assert lines[-1].endswith("1 more has no finished run of their row yet (B)")
 
 
 def test_the_pretrained_grid_runs_its_generative_ablations_for_the_first_seed_only(monkeypatch):
