@@ -452,14 +452,16 @@ def execute(runs, output, work, after_each=None):
 
 def earlier_attempt(work, run_id):
     """What an unfinished earlier attempt of ``run_id`` left (its worker killed, or the grid stopped): its log moved
-    to ``<run>.attempt-<n>.log``, its wall time, and the training state it named, which the new attempt resumes
-    from (``resume_checkpoint``: exact, so the run's hash and figures stay; a state written when training had finished
-    sends the run straight to its tests). Returns the spec's ``earlier_attempts`` and ``resume_checkpoint``."""
+    to ``<run>.attempt-<n>.log``, its wall time, the state it resumed from, and the training state it named, which
+    the new attempt resumes from (``resume_checkpoint``: exact, so the run's hash and figures stay; a state written
+    when training had finished sends the run straight to its tests). Returns the spec's ``earlier_attempts`` and
+    ``resume_checkpoint``."""
     logs = Path(work) / "logs"
     log_path, spec_path = logs / f"{run_id}.log", logs / f"{run_id}.spec.json"
     if not log_path.exists():
         return {}
-    attempts = json.loads(spec_path.read_text()).get("earlier_attempts", []) if spec_path.exists() else []
+    earlier = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    attempts = earlier.get("earlier_attempts", [])
     started = spec_path.stat().st_mtime if spec_path.exists() else log_path.stat().st_mtime
     text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(encoding="utf-8", errors="replace"))
     states = re.findall(r"Training state(?::| loaded from) (\S+?\.training_state\.pth)", text)
@@ -468,7 +470,14 @@ def earlier_attempt(work, run_id):
     moved = logs / f"{run_id}.attempt-{len(attempts) + 1}.log"
     wall = log_path.stat().st_mtime - started
     log_path.rename(moved)
-    attempts.append({"log": moved.name, "wall_seconds": wall, "training_state": state})
+    attempts.append(
+        {
+            "log": moved.name,
+            "wall_seconds": wall,
+            "training_state": state,
+            "resumed_from": earlier.get("resume_checkpoint"),
+        }
+    )
     resume = state if state and (Path(work) / state).exists() else None
     return {"earlier_attempts": attempts, "resume_checkpoint": str(Path(work) / resume) if resume else None}
 
@@ -520,8 +529,8 @@ def worker(spec_path):
         "commit": git_commit(),
         "hardware": hardware(),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # Over every attempt (an earlier one killed and resumed from: "attempts"); CPU time is this process's only.
-        "wall_seconds": time.time() - STARTED + sum(a["wall_seconds"] for a in spec.get("earlier_attempts", [])),
+        # Over the attempts this one went on from ("attempts"); CPU time is this process's only.
+        "wall_seconds": time.time() - STARTED + continued_wall(spec),
         "cpu_seconds": time.process_time(),  # user + system time of this process: less sensitive to a busy machine
         "trainable_parameters": result["trainable_parameters"],
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
@@ -550,6 +559,19 @@ def worker(spec_path):
     write_json_atomically(spec["output"], record)
     if spec["kind"] == "encoder":
         keep_encoder_copy(spec["output"])
+
+
+def continued_wall(spec):
+    """The wall seconds of the earlier attempts whose training a resumed run goes on from: the last one, and each
+    before it that the next one resumed from (an attempt that started over ends the chain); 0 for a fresh start."""
+    if not spec.get("resume_checkpoint"):
+        return 0.0
+    total = 0.0
+    for attempt in reversed(spec.get("earlier_attempts", [])):
+        total += attempt["wall_seconds"]
+        if not attempt.get("resumed_from"):
+            break
+    return total
 
 
 def recover(spec_path, commit=None):

@@ -513,6 +513,13 @@ def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_pat
     third = grid.earlier_attempt(tmp_path, "r")
     assert third["resume_checkpoint"] is None and len(third["earlier_attempts"]) == 3
 
+    # The record's wall time: the attempts a resumed run went on from, back to the last fresh start.
+    walls = [{"wall_seconds": 100.0, "resumed_from": None}, {"wall_seconds": 10.0, "resumed_from": "s"}]
+    assert grid.continued_wall({"resume_checkpoint": "s", "earlier_attempts": walls}) == 110.0
+    walls.append({"wall_seconds": 1.0, "resumed_from": None})  # this attempt started over (a worker's error)
+    assert grid.continued_wall({"resume_checkpoint": "s", "earlier_attempts": walls}) == 1.0
+    assert grid.continued_wall({"resume_checkpoint": None, "earlier_attempts": walls}) == 0.0  # a fresh start
+
 
 def test_status_estimates_pending_runs_from_finished_runs_of_their_row(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
