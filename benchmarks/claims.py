@@ -35,6 +35,29 @@ def legacy_by_row(dataset):
     return by_row
 
 
+def with_partial_runs(by_row, planned, partial_dir):
+    """``by_row`` plus, for each planned run without a record, the answers of a partial run of it kept in
+    ``partial_dir`` (``<run_id>.answers.json`` from ``benchmarks/answers_summary.py``: the paper's-protocol answers
+    of a run whose worker was stopped before its uni19 test; its generations and encoder-on-candidates files next
+    to it). Such a record has the generative figures only and is marked ``partial``."""
+    merged = {row: list(records) for row, records in by_row.items()}
+    recorded = {record["run_id"] for records in by_row.values() for record in records}
+    for run in planned:
+        path = Path(partial_dir) / f"{run['run_id']}.answers.json"
+        if run["run_id"] in recorded or not path.exists():
+            continue
+        answers = json.loads(path.read_text())
+        record = {"run_id": run["run_id"], "row": run["row"], "seed": run["seed"], "partial": True}
+        record.update(generative=answers["answers"], test={}, _path=str(path))
+        merged.setdefault(run["row"], []).append(record)
+    return merged
+
+
+def row_label(by_row, row):
+    """``row``, marked where one of its figures comes from a partial run (see :func:`with_partial_runs`)."""
+    return row + (" (partial run: answers only)" if any(r.get("partial") for r in by_row.get(row, [])) else "")
+
+
 def hr1_valid(record):
     return record["generative"]["hr@1_valid"] if record["generative"]["valid_ratio"] else None
 
@@ -48,7 +71,7 @@ def valid_ratio(record):
 
 
 def uni19_hit1(record):
-    return record["test"]["uni19"]["hit@1"]
+    return record["test"]["uni19"]["hit@1"] if "uni19" in record["test"] else None
 
 
 def full_ndcg10(record):
@@ -141,7 +164,7 @@ def compare_rows(by_row, row, others, metric, label):
             pairs = paired(mine_users, other_users)
             z = pairs["z"] if pairs else None
     relative = (mine["mean"] - b["mean"]) / b["mean"] * 100 if b["mean"] else None
-    text = f"{row} {fmt_summary(mine)} vs {best_other} {fmt_summary(b)} ({label})"
+    text = f"{row_label(by_row, row)} {fmt_summary(mine)} vs {row_label(by_row, best_other)} {fmt_summary(b)} ({label})"
     if relative is not None:
         text += f"; {relative:+.1f}% relative"
     if d is not None:
@@ -183,7 +206,7 @@ def valid_ratio_claim(by_row, level=0.95):
     for row in ("iLoRA-generative", "UniformLoRA-generative"):
         s = summary(_row_records(by_row, row), valid_ratio)
         if s:
-            figures.append(f"{row} {fmt_summary(s)}")
+            figures.append(f"{row_label(by_row, row)} {fmt_summary(s)}")
             met.append(s["mean"] >= level)
     if not figures:
         return {"figure": "not run", "verdict": "not measured"}
@@ -308,7 +331,8 @@ def targets_section(dataset, by_row, encoder_results):
     for row in ("iLoRA-generative", "UniformLoRA-generative"):
         s = summary(_row_records(by_row, row), valid_ratio)
         if s:
-            lines.append(f"| ValidRatio ≥ 0.95 | {row} | {fmt_summary(s)} | {'yes' if s['mean'] >= 0.95 else 'no'} |")
+            met = "yes" if s["mean"] >= 0.95 else "no"
+            lines.append(f"| ValidRatio ≥ 0.95 | {row_label(by_row, row)} | {fmt_summary(s)} | {met} |")
     records = sorted(_row_records(by_row, "iLoRA-generative"), key=lambda r: r["seed"])
     if records and encoder_results:
         mine = summary(records, hr1_all)
@@ -323,7 +347,8 @@ def targets_section(dataset, by_row, encoder_results):
         if pairs:
             figure += f"; paired over {pairs['users']} users: {pairs['diff']:+.4f} ± {pairs['se']:.4f}"
         lines.append(
-            f"| HR@1 (all) ≥ SASRec's Hit@1 on the same 20 candidates | iLoRA-generative | {figure} | "
+            f"| HR@1 (all) ≥ SASRec's Hit@1 on the same 20 candidates | {row_label(by_row, 'iLoRA-generative')} | "
+            f"{figure} | "
             f"{'yes' if mine['mean'] >= sasrec['mean'] else 'no'} |"
         )
     return lines if len(lines) > 4 else []

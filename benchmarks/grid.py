@@ -1137,6 +1137,7 @@ def claims_lines(dataset, planned, by_row, output):
     each generative iLoRA run (computed once, cached next to the run)."""
     import claims
 
+    by_row = claims.with_partial_runs(by_row, planned, Path(output) / "partial" / dataset)
     encoder_results = {}
     for record in by_row.get("iLoRA-generative", []):
         run = next(r for r in planned if r["run_id"] == record["run_id"])

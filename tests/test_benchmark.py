@@ -571,3 +571,33 @@ def test_paired_answers_count_users_per_verdict_and_refuse_unpaired_files(tmp_pa
     assert paired_answers.read_answers(path) == a
     with pytest.raises(ValueError, match="user 3 has other candidates"):
         paired_answers.compare(a, {**b, 3: line(3, "A", True, candidates=("A", "C"))})
+
+
+def test_a_partial_runs_answers_enter_the_claims_marked_as_such(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    def write_answers(path, rights):
+        with gzip.open(path, "wt", encoding="utf-8") as file:
+            for user, right in enumerate(rights):
+                file.write(json.dumps({"user_id": str(user), "correct": right}) + "\n")
+
+    rights_mine, rights_other = [True, True, True, False] * 5, [False, False, True, False] * 5
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    summary = {"users": 20, "valid_ratio": 1.0, "hr@1_valid": 0.75, "hr@1_all": 0.75}
+    (partial / "iLoRA-generative-seed1-h.answers.json").write_text(json.dumps({"answers": summary}))
+    write_answers(partial / "iLoRA-generative-seed1-h.answers.generations.jsonl.gz", rights_mine)
+    other_path = tmp_path / "UniformLoRA-generative-seed1-g.json"
+    write_answers(other_path.with_suffix(".generations.jsonl.gz"), rights_other)
+    other = {"run_id": "UniformLoRA-generative-seed1-g", "row": "UniformLoRA-generative", "seed": 1, "test": {},
+             "generative": {**summary, "hr@1_valid": 0.25, "hr@1_all": 0.25}, "_path": str(other_path)}  # fmt: skip
+    planned = [{"run_id": "iLoRA-generative-seed1-h", "row": "iLoRA-generative", "seed": 1}, other]
+    by_row = claims.with_partial_runs({"UniformLoRA-generative": [other]}, planned, partial)
+    assert by_row["iLoRA-generative"][0]["partial"] and by_row["iLoRA-generative"][0]["generative"] == summary
+    result = claims.compare_rows(by_row, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
+    assert result["figure"].startswith("iLoRA-generative (partial run: answers only) 0.7500 (1 seed)")
+    assert "paired over 20 users: +0.5000" in result["figure"] and result["verdict"] == "reproduced"  # z = 4.4
+    # A run with a record of its own is not replaced by its partial answers.
+    own = {**other, "run_id": "iLoRA-generative-seed1-h", "row": "iLoRA-generative"}
+    assert claims.with_partial_runs({"iLoRA-generative": [own]}, planned, partial)["iLoRA-generative"] == [own]
