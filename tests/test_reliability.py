@@ -90,66 +90,57 @@ def run_in_subprocess(config, tmp_path, name, kill_epoch=None):
     return process, (json.loads(output.read_text()) if output.exists() else None)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(sasrec_checkpoint, llm_cache, tmp_path):
-    config = {**TINY, "model": "iLoRA", "epochs": 3, "stopping_step": 5, "test_modes": ["full", "uni19"]}
-    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, lora_dropout=0.1)
-    process, expected = run_in_subprocess({**config, "checkpoint_dir": "saved-whole"}, tmp_path, "whole")
-    assert process.returncode == 0, process.stderr[-3000:]
-
-    killed = {**config, "checkpoint_dir": "saved-killed"}
-    process, result = run_in_subprocess(killed, tmp_path, "killed", kill_epoch=1)
-    assert process.returncode == -signal.SIGKILL and result is None
-    (state_file,) = (tmp_path / "saved-killed").glob("iLoRA-*.training_state.pth")
-    (model_file,) = [path for path in (tmp_path / "saved-killed").glob("iLoRA-*.pth") if path != state_file]
-    assert safe_load(state_file)["epoch"] == 1 and safe_load(model_file)["epoch"] == 0
-
-    # Resumed by the model file; the SASRec encoder comes from the training state (not given again).
-    resumed = {**killed, "resume_checkpoint": str(model_file)}
-    del resumed["sasrec_checkpoint"]
-    process, result = run_in_subprocess(resumed, tmp_path, "resumed")
-    assert process.returncode == 0, process.stderr[-3000:]
-    assert result["saved_model_file"] == str(model_file)  # the same files go on
-    for key in ("best_valid_result", "test_result", "test_results"):
-        assert result[key] == expected[key], key  # exactly: full ranking and uni19
-    assert (safe_load(state_file)["epoch"], safe_load(state_file)["finished"]) == (3, True)  # trained to the end
-
-
-def killed_and_resumed(config, tmp_path, name, kill):
-    """The run of ``config`` killed at ``kill`` (see RUN_SCRIPT), its training state, and the run resumed from it."""
+def killed_and_resumed(config, tmp_path, name, kill, drop=()):
+    """The run of ``config`` killed at ``kill`` (see RUN_SCRIPT): its training state and the epoch of its model
+    checkpoint when it was killed, its model file, and the result of the run resumed from it (without the keys
+    ``drop``)."""
     killed = {**config, "checkpoint_dir": f"saved-{name}"}
     process, result = run_in_subprocess(killed, tmp_path, f"{name}-killed", kill_epoch=kill)
     assert process.returncode == -signal.SIGKILL and result is None
     (state_file,) = (tmp_path / f"saved-{name}").glob("iLoRA-*.training_state.pth")
     (model_file,) = [path for path in (tmp_path / f"saved-{name}").glob("iLoRA-*.pth") if path != state_file]
     state = safe_load(state_file)
-    process, result = run_in_subprocess({**killed, "resume_checkpoint": str(model_file)}, tmp_path, f"{name}-resumed")
+    best_epoch = safe_load(model_file)["epoch"] if model_file.stat().st_size else None  # empty: never saved to
+    resumed = {key: value for key, value in killed.items() if key not in drop}
+    resumed["resume_checkpoint"] = str(model_file)
+    process, result = run_in_subprocess(resumed, tmp_path, f"{name}-resumed")
     assert process.returncode == 0, process.stderr[-3000:]
-    return state, result
+    return state, best_epoch, model_file, result
 
 
-def test_a_run_killed_within_an_epoch_resumes_at_its_batch_or_its_tests(sasrec_checkpoint, llm_cache, tmp_path):
-    # Dropout draws from the random state, so a replay of the epoch that were off by a batch would not match.
-    config = {**TINY, "model": "iLoRA", "epochs": 2, "stopping_step": 5, "test_modes": ["full", "uni19"]}
+def test_a_killed_run_resumes_to_the_same_metrics_from_an_epoch_a_batch_or_its_tests(
+    sasrec_checkpoint, llm_cache, tmp_path
+):
+    # Dropout draws from the random state, so a replay that were off by a batch would not match.
+    config = {**TINY, "model": "iLoRA", "epochs": 3, "stopping_step": 5, "test_modes": ["full", "uni19"]}
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, lora_dropout=0.1)
-    process, expected = run_in_subprocess(
-        {**config, "checkpoint_dir": "saved-whole", "training_state_every_batches": 0}, tmp_path, "whole"
-    )
+    config["training_state_every_batches"] = 0  # states at epoch starts only
+    process, expected = run_in_subprocess({**config, "checkpoint_dir": "saved-whole"}, tmp_path, "whole")
     assert process.returncode == 0, process.stderr[-3000:]
-    assert len(expected["train_losses"]) == 2
+    assert len(expected["train_losses"]) == 3
+    keys = ("best_valid_result", "test_result", "test_results")
+
+    # Killed in the third batch of epoch 1: resumed by the model file from the start of epoch 1; the SASRec encoder
+    # comes from the training state (not given again).
+    state, best_epoch, model_file, result = killed_and_resumed(config, tmp_path, "epoch", 1, ["sasrec_checkpoint"])
+    assert (state["epoch"], state["batch"], best_epoch) == (1, 0, 0)
+    assert result["saved_model_file"] == str(model_file)  # the same files go on
+    for key in keys:
+        assert result[key] == expected[key], key  # exactly: full ranking and uni19
+
+    # With a state every 2 batches, killed in the third batch of epoch 0: resumed at batch 2 of epoch 0.
     config["training_state_every_batches"] = 2
-
-    # Killed in the third batch of epoch 0: the state written before it resumes at batch 2 of epoch 0.
-    state, result = killed_and_resumed(config, tmp_path, "batch", kill=0)
+    state, _, _, result = killed_and_resumed(config, tmp_path, "batch", 0)
     assert (state["epoch"], state["batch"], state["finished"]) == (0, 2, False)
-    for key in ("best_valid_result", "test_result", "test_results"):
-        assert result[key] == expected[key], key  # exactly, as if never interrupted
-    assert result["epochs_run"] == 2 and result["train_losses"][1] == expected["train_losses"][1]
+    for key in keys:
+        assert result[key] == expected[key], key
+    assert result["epochs_run"] == 3 and result["train_losses"][1:] == expected["train_losses"][1:]
 
-    # Killed when the test starts: the run resumes to its tests, trains nothing, and tests the same weights.
-    state, result = killed_and_resumed(config, tmp_path, "test", kill="test")
-    assert (state["epoch"], state["finished"]) == (2, True)
-    assert result["train_losses"] == [] and result["epochs_run"] == 2
-    for key in ("best_valid_result", "test_result", "test_results"):
+    # Killed when the test starts: the state written when training ended sends the run to its tests, untrained.
+    state, _, _, result = killed_and_resumed(config, tmp_path, "test", "test")
+    assert (state["epoch"], state["finished"]) == (3, True)
+    assert result["train_losses"] == [] and result["epochs_run"] == 3
+    for key in keys:
         assert result[key] == expected[key], key
 
 
