@@ -180,13 +180,16 @@ def _users_of(by_row, row):
     records = sorted(_row_records(by_row, row), key=lambda r: r["seed"])
     if not records or "_path" not in records[0] or not records[0].get("generative"):
         return None
+    if records[0].get("partial"):  # its answers came from the CLI, whose candidate lists differ: never paired
+        return None
     return per_user_correct(records[0], records[0]["_path"])
 
 
 def parameter_claim(by_row):
     """iLoRA's trainable parameters over UniformLoRA's (the head rows, else the generative ones: the same modules)."""
     for row, base in (("iLoRA", "UniformLoRA"), ("iLoRA-generative", "UniformLoRA-generative")):
-        mine, other = _row_records(by_row, row), _row_records(by_row, base)
+        mine = [r for r in _row_records(by_row, row) if "trainable_parameters" in r]
+        other = [r for r in _row_records(by_row, base) if "trainable_parameters" in r]
         if mine and other:
             break
     else:
