@@ -270,10 +270,10 @@ def evaluate_test_modes(config, trainer, show_progress=False, known=None):
     for mode in config["test_modes"] or []:
         if known and mode in known:
             results[mode] = known[mode]
-            continue
-        test_data = protocol_test_data(config, mode)
-        init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates for every model
-        results[mode] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+        else:
+            test_data = protocol_test_data(config, mode)
+            init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates for every model
+            results[mode] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
         getLogger().info(set_color(f"test result ({mode})", "yellow") + f": {results[mode]}")
         if config["lapse"] is not None:  # the same mode on the test without lapse
             name = f"{mode}_no_lapse"
