@@ -163,7 +163,7 @@ def test_grid_plans_main_rows_then_generative_rows_then_ablations(tmp_path):
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--status"]
     status = subprocess.run(command + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr[-3000:]
-    rows = [line.split()[-1].split("-seed")[0] for line in status.stdout.splitlines() if line.startswith("pending")]
+    rows = [line.split()[2].split("-seed")[0] for line in status.stdout.splitlines() if line.startswith("pending")]
     assert rows == [
         "Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-generative", "iLoRA-gate-uniform"
     ]  # fmt: skip
