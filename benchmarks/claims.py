@@ -78,13 +78,18 @@ def full_ndcg10(record):
     return record["test"]["full"]["ndcg@10"]
 
 
-def per_user_correct(record, run_path):
-    """{user: correct} of a generative run, from its generations file next to ``run_path`` (None if missing)."""
+def per_user_correct(record, run_path, with_candidates=False):
+    """{user: correct} of a generative run, from its generations file next to ``run_path`` (None if missing); with
+    ``with_candidates``, also {user: its candidate ids} (None where the file does not hold them)."""
     path = Path(run_path).with_suffix(".generations.jsonl.gz")
     if not path.exists():
         return None
     with gzip.open(path, "rt", encoding="utf-8") as file:
-        return {(line := json.loads(text))["user_id"]: bool(line["correct"]) for text in file}
+        lines = [json.loads(text) for text in file]
+    correct = {line["user_id"]: bool(line["correct"]) for line in lines}
+    if not with_candidates:
+        return correct
+    return correct, {line["user_id"]: line.get("candidate_ids") for line in lines}
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
@@ -160,8 +165,10 @@ def compare_rows(by_row, row, others, metric, label):
     if d is None and label.startswith("HR@1"):
         mine_users = _users_of(by_row, row)
         other_users = _users_of(by_row, best_other)
-        if mine_users and other_users:
-            pairs = paired(mine_users, other_users)
+        # Paired only where both runs answered the very same candidate lists (a partial run's answers, generated
+        # by the CLI, sit on other lists than the grid's run of the same seed).
+        if mine_users and other_users and mine_users[1] == other_users[1]:
+            pairs = paired(mine_users[0], other_users[0])
             z = pairs["z"] if pairs else None
     relative = (mine["mean"] - b["mean"]) / b["mean"] * 100 if b["mean"] else None
     text = f"{row_label(by_row, row)} {fmt_summary(mine)} vs {row_label(by_row, best_other)} {fmt_summary(b)} ({label})"
@@ -176,13 +183,12 @@ def compare_rows(by_row, row, others, metric, label):
 
 
 def _users_of(by_row, row):
-    """Per-user verdicts of the first seed's run of a generative row (paired comparisons use one seed)."""
+    """Per-user verdicts and candidate lists of the first seed's run of a generative row (paired comparisons use one
+    seed)."""
     records = sorted(_row_records(by_row, row), key=lambda r: r["seed"])
     if not records or "_path" not in records[0] or not records[0].get("generative"):
         return None
-    if records[0].get("partial"):  # its answers came from the CLI, whose candidate lists differ: never paired
-        return None
-    return per_user_correct(records[0], records[0]["_path"])
+    return per_user_correct(records[0], records[0]["_path"], with_candidates=True)
 
 
 def parameter_claim(by_row):

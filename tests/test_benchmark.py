@@ -577,17 +577,19 @@ def test_a_partial_runs_answers_enter_the_claims_marked_as_such(tmp_path, monkey
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import claims
 
-    def write_answers(path, rights):
+    def write_answers(path, rights, first_candidate=1):
         with gzip.open(path, "wt", encoding="utf-8") as file:
             for user, right in enumerate(rights):
-                file.write(json.dumps({"user_id": str(user), "correct": right}) + "\n")
+                line = {"user_id": str(user), "correct": right, "candidate_ids": [first_candidate, 7]}
+                file.write(json.dumps(line) + "\n")
 
     rights_mine, rights_other = [True, True, True, False] * 5, [False, False, True, False] * 5
     partial = tmp_path / "partial"
     partial.mkdir()
     summary = {"users": 20, "valid_ratio": 1.0, "hr@1_valid": 0.75, "hr@1_all": 0.75}
     (partial / "iLoRA-generative-seed1-h.answers.json").write_text(json.dumps({"answers": summary}))
-    write_answers(partial / "iLoRA-generative-seed1-h.answers.generations.jsonl.gz", rights_mine)
+    # The CLI that answered for the partial run drew other candidate lists than the grid's run of the seed.
+    write_answers(partial / "iLoRA-generative-seed1-h.answers.generations.jsonl.gz", rights_mine, first_candidate=2)
     other_path = tmp_path / "UniformLoRA-generative-seed1-g.json"
     write_answers(other_path.with_suffix(".generations.jsonl.gz"), rights_other)
     other = {"run_id": "UniformLoRA-generative-seed1-g", "row": "UniformLoRA-generative", "seed": 1, "test": {},
@@ -597,8 +599,12 @@ def test_a_partial_runs_answers_enter_the_claims_marked_as_such(tmp_path, monkey
     assert by_row["iLoRA-generative"][0]["partial"] and by_row["iLoRA-generative"][0]["generative"] == summary
     result = claims.compare_rows(by_row, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
     assert result["figure"].startswith("iLoRA-generative (partial run: answers only) 0.7500 (1 seed)")
-    # Never paired: a partial run's answers came from the CLI, whose candidate lists differ from the grid run's.
+    # Not paired: the two runs answered other candidate lists.
     assert "paired" not in result["figure"] and result["verdict"].endswith("no per-user verdicts to pair)")
+    # On the same lists the two are paired user by user.
+    write_answers(partial / "iLoRA-generative-seed1-h.answers.generations.jsonl.gz", rights_mine)
+    result = claims.compare_rows(by_row, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
+    assert "paired over 20 users: +0.5000" in result["figure"] and result["verdict"] == "reproduced"  # z = 4.4
     # A run with a record of its own is not replaced by its partial answers.
     own = {**other, "run_id": "iLoRA-generative-seed1-h", "row": "iLoRA-generative"}
     assert claims.with_partial_runs({"iLoRA-generative": [own]}, planned, partial)["iLoRA-generative"] == [own]
