@@ -95,6 +95,7 @@ class MFormer(nn.Module):
 
 class Laser(LLMSequentialRecommender):
     prompt_slots = False  # the collaborative information comes in through the prefix
+    _keep_table = False  # set by resume_within_epoch for the next epoch start
 
     @classmethod
     def check_config(cls, config):
@@ -207,7 +208,8 @@ class Laser(LLMSequentialRecommender):
 
     def train(self, mode=True):
         if mode:  # a new epoch (RecBole calls train() as each starts): its table is computed at its first step
-            self._refresh = not getattr(self, "_keep_table", False)
+            if not self._keep_table:
+                self.item_vectors = None
             self._keep_table = False
         return super().train(mode)
 
@@ -227,9 +229,8 @@ class Laser(LLMSequentialRecommender):
 
     def current_table(self):
         """The item table to score against (see the module docstring)."""
-        if self.item_vectors is None or (self.training and getattr(self, "_refresh", False)):
+        if self.item_vectors is None:
             self.item_vectors = self.item_table()
-            self._refresh = False
         return self.item_vectors
 
     # ----- RecBole's contract --------------------------------------------------------------------------------
