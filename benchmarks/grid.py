@@ -809,15 +809,16 @@ def recorded_runs(planned, output):
 def status_lines(planned, output):
     """``--status``: every planned run, done or pending; a pending run's wall time estimated from the finished runs of
     its row (on its dataset, else on any), so that a partial grid can be budgeted; then the total."""
+    done = {(run["dataset"], run["run_id"]) for run in planned if finished(output, run)}
     walls = collections.defaultdict(list)
     for run in planned:
-        if finished(output, run):
-            record = json.loads(run_file(output, run).read_text())
-            walls[(run["row"], run["dataset"])].append(record["wall_seconds"])
-            walls[(run["row"], None)].append(record["wall_seconds"])
+        if (run["dataset"], run["run_id"]) in done:
+            wall = json.loads(run_file(output, run).read_text())["wall_seconds"]
+            walls[(run["row"], run["dataset"])].append(wall)
+            walls[(run["row"], None)].append(wall)
     lines, pending, unknown = [], 0.0, []
     for run in planned:
-        if finished(output, run):
+        if (run["dataset"], run["run_id"]) in done:
             lines.append(f"done    {run['dataset']:<12} {run['run_id']}")
             continue
         known = walls.get((run["row"], run["dataset"])) or walls.get((run["row"], None))
@@ -828,9 +829,9 @@ def status_lines(planned, output):
             pending += estimate
         cost = f"~{estimate:.2f} h" if estimate is not None else "? h"
         lines.append(f"pending {run['dataset']:<12} {run['run_id']:<52} {cost}")
-    waiting = len([line for line in lines if line.startswith("pending")])
+    waiting = len(planned) - len(done)
     lines.append(
-        f"{len(planned) - waiting} of {len(planned)} runs done; the {waiting - len(unknown)} pending runs with an "
+        f"{len(done)} of {len(planned)} runs done; the {waiting - len(unknown)} pending runs with an "
         f"estimate need ~{pending:.1f} wall-hours as their rows' finished runs took"
         + (
             f"; {len(unknown)} more {'has' if len(unknown) == 1 else 'have'} no finished run of their row yet "
