@@ -135,9 +135,9 @@ def test_checkpoint_round_trip_gives_identical_scores(sasrec_checkpoint, llm_cac
     assert sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values()) == trained_bytes
     assert "optimizer" not in checkpoint  # the model checkpoint holds weights; resuming reads the training state
     state = torch.load(training_state_file(trainer.saved_model_file), weights_only=True)
-    assert state["epoch"] == 0 and state["best_epoch"] is None  # written as epoch 0 started
+    assert state["finished"] and state["epoch"] == 1 and state["best_epoch"] == 0  # written as training ended
     assert state["state_dict"].keys() == checkpoint["state_dict"].keys()
-    assert state["optimizer"]["state"] == {}  # no step taken yet when epoch 0 started
+    assert len(state["optimizer"]["state"]) == len(checkpoint["state_dict"])  # Adam's moments of every trained one
     assert len(state["optimizer"]["param_groups"][0]["params"]) == len(checkpoint["state_dict"])
 
     interaction = next(iter(test_data))[0]
@@ -273,10 +273,11 @@ def test_resuming_needs_the_matching_training_state(sasrec_checkpoint, llm_cache
     trainer.fit(train_data, valid_data, saved=True)
     state_file = training_state_file(trainer.saved_model_file)
     state = torch.load(state_file, weights_only=True)
-    assert state["epoch"] == 1 and state["best_epoch"] == 0  # written as epoch 1 started
+    assert state["finished"] and state["epoch"] == 2 and state["best_epoch"] == trainer.best_epoch  # as training ended
     resumed = LLMRecTrainer(config, model)
     resumed.resume_checkpoint(state_file)  # the state file or the model file: the same run
-    assert resumed.start_epoch == 1 and resumed.saved_model_file == trainer.saved_model_file
+    assert resumed.start_epoch == 2 and resumed.saved_model_file == trainer.saved_model_file
+    assert resumed.fit(train_data, valid_data) == (trainer.best_valid_score, trainer.best_valid_result)  # no training
     torch.save({**state, "best_epoch": 5}, state_file)
     with pytest.raises(ValueError, match="not from the same run"):
         LLMRecTrainer(config, model).resume_checkpoint(trainer.saved_model_file)
