@@ -334,10 +334,10 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     model = prepare_model(config, train_data, show_progress, timings)
     if prepare is not None:
         prepare(model)
+    if hasattr(model, "attach_splits"):  # the whole splits: a user's candidates exclude all of the user's items
+        model.attach_splits(train_data, valid_data, test_data)
     if isinstance(model, LLMSequentialRecommender):
         train_data = budget_training_data(config, train_data)
-    if hasattr(model, "attach_splits"):
-        model.attach_splits(train_data, valid_data, test_data)
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

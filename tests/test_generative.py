@@ -10,10 +10,10 @@ from conftest import TINY, tiny_config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from recbole_ilora.generative import named_candidates, summarize_verdicts, verdict
+from recbole_ilora.generative import evaluate_generation, named_candidates, summarize_verdicts, verdict
 from recbole_ilora.model import iLoRA
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-from recbole_ilora.quick_start import objective_function
+from recbole_ilora.quick_start import load_data_and_model, objective_function
 
 GENERATIVE = {
     "objective": "generative",
@@ -204,6 +204,7 @@ def test_generative_objective_needs_a_sampled_mode(llm_cache):
 @pytest.mark.parametrize("model_name", ["iLoRA", "UniformLoRA"])
 def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache, monkeypatch):
     config = {**TINY, **GENERATIVE, "model": model_name, "epochs": 1, "test_modes": ["uni19"]}
+    config["llm_train_sequences_per_user"] = 2  # a training budget, as in the benchmark: the candidates ignore it
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
     scored = []  # histories scored by likelihood, per call
     original = LLMSequentialRecommender._predict_by_likelihood
@@ -232,6 +233,18 @@ def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache, monkeyp
         key: generation[key] for key in ("users", "valid_ratio", "hr@1_valid", "hr@1_all")
     }
     assert {"hit@1", "hit@5", "ndcg@5"} <= set(result["test_results"]["uni19"])
+    seen = all_items_of_users(tiny_config(model_name, **GENERATIVE))
+    user_index = {token: index for index, token in enumerate(create_dataset(tiny_config()).field2id_token["user_id"])}
+    for line in lines:  # never an item of the user, in any split, whatever the training budget kept
+        assert not (set(line["candidate_ids"]) - {line["target_id"]}) & seen[user_index[line["user_id"]]]
+    # `python -m recbole_ilora.generative <checkpoint>` asks the saved model the very same questions, and it answers
+    # as the run did: the two can be compared user by user.
+    saved_config, saved_model, *_ = load_data_and_model(result["saved_model_file"])
+    again = evaluate_generation(saved_config, saved_model, output_file="again.jsonl")
+    lines_again = [json.loads(line) for line in open(again["generations_file"], encoding="utf-8")]
+    assert [(line["user_id"], line["candidate_ids"], line["output"]) for line in lines_again] == [
+        (line["user_id"], line["candidate_ids"], line["output"]) for line in lines
+    ]
 
 
 def twin_rows(model, interaction, candidates):
