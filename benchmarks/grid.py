@@ -721,6 +721,8 @@ def lapse_report(runs, output, quick):
     """Write ``<output>/<dataset>.md`` for the lapse protocol: both tests per mode, the relative drop, CaseQ's claim."""
     for dataset, planned, done, _, by_row in per_dataset(runs, output):
         Path(output, f"{dataset}.md").write_text(render_lapse(dataset, planned, by_row, quick, done), encoding="utf-8")
+        if done:
+            plot_lapse(dataset, by_row, Path(output, f"{dataset}.png"))
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
 
 
@@ -742,6 +744,8 @@ def render_lapse(dataset, planned, by_row, quick, done):
         "(`recbole_ilora/lapse.py`); users with fewer events are trained on and not evaluated. Drop: (without - "
         "with) / without, per seed, then mean ± std over seeds. RecBole's models train until early stopping fires "
         f"(`{os.path.relpath(BASELINE_BUDGET, REPO)}`); LLM rows: {backbone_line(planned)}, the shipped budget.",
+        "",
+        f"![both tests per model]({dataset}.png)",
         "",
         "| model | seeds | "
         + " | ".join(
@@ -1220,6 +1224,34 @@ def plot_rows(dataset, by_row, path):
         axis.bar(rows, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], color=colours, capsize=3)
         axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")
         axis.tick_params(axis="x", rotation=60)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_lapse(dataset, by_row, path):
+    """Under the lapse protocol: each model's NDCG@10 on the test without lapse next to the test with lapse (full
+    ranking and uni100, mean ± std over seeds): how far each one falls when the test lies in the future."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row, records in by_row.items() if records]
+    metric = LAPSE_METRICS[0]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, mode in zip(axes, ["full", "uni100"], strict=True):
+        for offset, (test, label, colour) in enumerate(
+            [(f"{mode}_no_lapse", "without lapse", "tab:blue"), (mode, "with lapse", "tab:orange")]
+        ):
+            stats = [mean_std([r["test"][test][metric] for r in by_row[row]]) for row in rows]
+            positions = [index + (offset - 0.5) * 0.4 for index in range(len(rows))]
+            axis.bar(positions, [m for m, _ in stats], width=0.4, yerr=[s or 0.0 for _, s in stats], capsize=3,
+                     color=colour, label=label)  # fmt: skip
+        axis.set_xticks(range(len(rows)), rows, rotation=30)
+        axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")
+        axis.margins(y=0.25)  # room above the bars for the legend
+        axis.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

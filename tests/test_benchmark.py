@@ -477,6 +477,8 @@ def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
     line = next(line for line in markdown.splitlines() if line.startswith("| SASRec | 1 |"))
     assert f"{before:.4f} | {after:.4f} | {(before - after) / before:.4f}" in line
     assert "| CaseQ | 0 |" in markdown  # the quick lapse grid's other row, pending
+    assert "![both tests per model](lastfm-tiny.png)" in markdown
+    assert (tmp_path / "lapse" / "lastfm-tiny.png").read_bytes().startswith(b"\x89PNG")  # the chart it shows
 
 
 def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_path, monkeypatch):
