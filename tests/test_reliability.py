@@ -66,6 +66,7 @@ RUN_SCRIPT = textwrap.dedent(
 
 def run(seed, sasrec_checkpoint, llm_cache):
     config = {**TINY, "model": "iLoRA", "epochs": 1, "seed": seed, "test_modes": ["full", "uni19"]}
+    config["llm_train_sequences_per_user"] = 8  # the seed still orders training (5 batches) and draws candidates
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, checkpoint_dir=f"saved-{seed}")
     result = objective_function(config_dict=config)
     return result["best_valid_result"], result["test_results"]
@@ -115,6 +116,7 @@ def test_a_killed_run_resumes_to_the_same_metrics_from_an_epoch_a_batch_or_its_t
     config = {**TINY, "model": "iLoRA", "epochs": 3, "stopping_step": 5, "test_modes": ["full", "uni19"]}
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, lora_dropout=0.1)
     config["training_state_every_batches"] = 0  # states at epoch starts only
+    config["llm_train_sequences_per_user"] = 8  # 5 batches an epoch: enough to kill in the third, 7 runs stay cheap
     process, expected = run_in_subprocess({**config, "checkpoint_dir": "saved-whole"}, tmp_path, "whole")
     assert process.returncode == 0, process.stderr[-3000:]
     assert len(expected["train_losses"]) == 3
@@ -146,7 +148,7 @@ def test_a_killed_run_resumes_to_the_same_metrics_from_an_epoch_a_batch_or_its_t
 
 def test_a_run_killed_before_its_first_checkpoint_resumes(sasrec_checkpoint, llm_cache, tmp_path):
     config = {**TINY, "model": "iLoRA", "epochs": 1, "checkpoint_dir": "saved-early"}
-    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, llm_train_sequences_per_user=8)
     process, _ = run_in_subprocess(config, tmp_path, "early", kill_epoch=0)
     assert process.returncode == -signal.SIGKILL
     (state_file,) = (tmp_path / "saved-early").glob("iLoRA-*.training_state.pth")
