@@ -22,18 +22,25 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def cold_shares(dataset_name, lapse):
-    """``{"users": n, "test_with_lapse": share, "test_without_lapse": share, "valid": share}`` for one dataset."""
+def dataset_config(dataset_name, lapse):
+    """The plugin's configuration of a benchmark dataset (its own settings) under ``lapse``."""
     from grid import DATASETS
-    from recbole.data import create_dataset
 
     from recbole_ilora.config import Config
-    from recbole_ilora.lapse import apply_lapse
 
     config_dict = {"show_progress": False, "lapse": lapse}
     if DATASETS[dataset_name]:
         config_dict["data_path"] = str(REPO / DATASETS[dataset_name])
-    config = Config(model="SASRec", dataset=dataset_name, config_dict=config_dict)
+    return Config(model="SASRec", dataset=dataset_name, config_dict=config_dict)
+
+
+def cold_shares(config):
+    """``{"users": n, "test_with_lapse": share, "test_without_lapse": share, "valid": share}`` for the dataset of
+    ``config`` (a sequential model's configuration with ``lapse`` set)."""
+    from recbole.data import create_dataset
+
+    from recbole_ilora.lapse import apply_lapse
+
     shares = {}
     for test_split, name in (("lapse", "test_with_lapse"), ("no_lapse", "test_without_lapse")):
         train, valid, test = apply_lapse(config, create_dataset(config), test_split).build()
@@ -54,7 +61,8 @@ def main():
     parser.add_argument("--output", default=str(REPO / "results" / "lapse" / "cold_items.json"))
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
-    result = {"lapse": args.lapse, "datasets": {name: cold_shares(name, args.lapse) for name in args.datasets}}
+    shares = {name: cold_shares(dataset_config(name, args.lapse)) for name in args.datasets}
+    result = {"lapse": args.lapse, "datasets": shares}
     for name, shares in result["datasets"].items():
         print(
             f"{name}: {shares['users']} users evaluated; targets never seen in training: valid "

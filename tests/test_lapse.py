@@ -119,3 +119,23 @@ def test_a_run_reports_both_tests_and_the_relative_drop(positions_data):
 def test_a_lapse_the_data_cannot_take_is_refused_with_the_key(positions_data, overrides, message):
     with pytest.raises(ValueError, match=message):
         objective_function(config_dict=settings(positions_data, epochs=1, **overrides))
+
+
+def test_cold_targets_are_counted_on_the_runs_split(tmp_path):
+    # Every item of the positions fixture is its user's own, so every target is cold, except user d's last event,
+    # which here is a0: user a's first event, never a target but in the histories of a's training rows.
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from lapse_cold_items import cold_shares
+
+    (tmp_path / "pos").mkdir()
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for offset, (user, length) in enumerate(LENGTHS.items()):
+        lines += [f"{user}\t{'a0' if (user, k) == ('d', length - 1) else f'{user}{k}'}\t{10 * k + offset}"
+                  for k in range(length)]  # fmt: skip
+    (tmp_path / "pos" / "pos.inter").write_text("\n".join(lines) + "\n")
+    shares = cold_shares(config(str(tmp_path)))
+    assert shares == {"users": 3, "valid": 1.0, "test_without_lapse": 1.0, "test_with_lapse": 2 / 3}  # a, b, d
