@@ -501,6 +501,7 @@ def run_lock(work, run_id, wait):
 def worker(spec_path):
     """Train and test one run; write its JSON (metrics, wall time, commit, hardware) only when everything ended."""
     spec = json.loads(Path(spec_path).read_text())
+    commit = git_commit()  # the code this process runs: a commit made while it trains is not the run's
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line; this one is ours
     from recbole.utils import init_logger, init_seed
 
@@ -526,7 +527,7 @@ def worker(spec_path):
         "dataset": spec["dataset"],
         "seed": spec["seed"],
         "command": spec["command"],
-        "commit": git_commit(),
+        "commit": commit,
         "hardware": hardware(),
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # Over the attempts this one went on from ("attempts"); CPU time is this process's only.
