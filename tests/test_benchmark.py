@@ -610,3 +610,30 @@ def test_a_partial_runs_answers_enter_the_claims_marked_as_such(tmp_path, monkey
     # A run with a record of its own is not replaced by its partial answers.
     own = {**other, "run_id": "iLoRA-generative-seed1-h", "row": "iLoRA-generative"}
     assert claims.with_partial_runs({"iLoRA-generative": [own]}, planned, partial)["iLoRA-generative"] == [own]
+
+
+def test_a_record_names_the_commit_its_worker_started_from(tmp_path, monkeypatch):
+    # A commit made while a run trains is not the code the run ran: the record keeps the commit of the worker's start.
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    (run,) = grid.plan(["lastfm-tiny"], ["Pop"], [2020], quick=True, backbone=grid.QUICK_BACKBONE)
+    output = tmp_path / "runs" / "Pop.json"
+    output.parent.mkdir()
+    spec_path = tmp_path / "Pop.spec.json"
+    spec_path.write_text(json.dumps({**run, "output": str(output)}))
+    import recbole_ilora.quick_start as quick_start
+
+    head = {"commit": "abc1234"}  # HEAD when the worker starts; a commit lands while it trains
+    train_and_evaluate = quick_start.train_and_evaluate
+
+    def training_during_a_commit(*args, **kwargs):
+        result = train_and_evaluate(*args, **kwargs)
+        head["commit"] = "def5678"
+        return result
+
+    monkeypatch.setattr(grid, "git_commit", lambda: head["commit"])
+    monkeypatch.setattr(quick_start, "train_and_evaluate", training_during_a_commit)
+    grid.worker(str(spec_path))
+    record = json.loads(output.read_text())
+    assert record["row"] == "Pop" and record["commit"] == "abc1234"
