@@ -395,8 +395,9 @@ def execute(runs, output, work, after_each=None):
 
     Several grid processes may share one ``--output`` and ``--work``: each run is locked (``flock`` on
     ``<work>/logs/<run>.lock``, released by the kernel if its process dies) while it runs, so a second process skips
-    a run that another is running or has finished since it planned, and an LLM row waits for an encoder that another
-    process is training."""
+    a run that another is running or has finished since it planned. An LLM row whose encoder another process is
+    training goes to the back of the queue once, so this process runs what it can meanwhile (another seed's encoder,
+    say); it waits for the encoder only when nothing else is left."""
     work = Path(work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     failed = []
@@ -405,7 +406,11 @@ def execute(runs, output, work, after_each=None):
             keep_encoder_copy(run_file(output, run))
     pending = [run for run in runs if not finished(output, run)]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; {len(pending)} to go", flush=True)
-    for number, run in enumerate(pending, 1):
+    queue, deferred = list(pending), set()
+    numbers = {run["run_id"]: number for number, run in enumerate(pending, 1)}
+    while queue:
+        run = queue.pop(0)
+        number = numbers[run["run_id"]]
         with run_lock(work, run["run_id"], wait=False) as locked:
             if not locked:
                 print(f"[{number}/{len(pending)}] {run['run_id']}: another grid process is running it", flush=True)
@@ -416,6 +421,21 @@ def execute(runs, output, work, after_each=None):
             spec = {**run, "output": str(run_file(output, run))}
             if run["encoder"]:
                 encoder_run = next(r for r in runs if r["run_id"] == run["encoder"])
+                if (
+                    run["run_id"] not in deferred
+                    and any(other["run_id"] not in deferred for other in queue)
+                    and run["encoder"] not in failed
+                    and not finished(output, encoder_run)
+                    and held_elsewhere(work, run["encoder"])
+                ):
+                    print(
+                        f"[{number}/{len(pending)}] {run['run_id']}: its encoder is being trained by another grid "
+                        "process; the runs after it go first",
+                        flush=True,
+                    )
+                    deferred.add(run["run_id"])
+                    queue.append(run)
+                    continue
                 if run["encoder"] not in failed and not finished(output, encoder_run):
                     with run_lock(work, run["encoder"], wait=True):  # another process may be training it
                         pass
@@ -480,6 +500,12 @@ def earlier_attempt(work, run_id):
     )
     resume = state if state and (Path(work) / state).exists() else None
     return {"earlier_attempts": attempts, "resume_checkpoint": str(Path(work) / resume) if resume else None}
+
+
+def held_elsewhere(work, run_id):
+    """Whether another process holds ``run_id``'s lock (is running it) at this moment."""
+    with run_lock(work, run_id, wait=False) as free:
+        return not free
 
 
 @contextlib.contextmanager

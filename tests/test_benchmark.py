@@ -339,6 +339,55 @@ def test_grid_processes_sharing_a_folder_skip_each_others_runs_and_wait_for_an_e
         assert free
 
 
+def test_a_grid_process_runs_other_runs_while_another_trains_the_encoder_it_needs(tmp_path, monkeypatch):
+    """Two processes on seeds 1 and 2: while the other trains seed 1's encoder, this one trains seed 2's encoder and
+    its LLM row instead of sleeping on the lock; it comes back to seed 1's LLM row at the end."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import threading
+
+    import grid
+
+    output, work = tmp_path / "results", tmp_path / "work"
+    enc1 = {"run_id": "enc1", "dataset": "d", "kind": "encoder", "encoder": None}
+    enc2 = {**enc1, "run_id": "enc2"}
+    llm1 = {"run_id": "llm1", "dataset": "d", "kind": "llm", "encoder": "enc1"}
+    llm2 = {**llm1, "run_id": "llm2", "encoder": "enc2"}
+    ran = []
+
+    def fake_worker(command, **kwargs):
+        spec = json.loads(open(command[-1]).read())
+        ran.append(spec["run_id"])
+        weights = tmp_path / f"{spec['run_id']}.pth"
+        weights.write_bytes(b"weights")
+        grid.write_json_atomically(spec["output"], {"run_id": spec["run_id"], "saved_model_file": str(weights)})
+        return 0
+
+    monkeypatch.setattr(grid.subprocess, "call", fake_worker)
+
+    def other_process_trains_enc1(started):
+        with grid.run_lock(work, "enc1", wait=True):
+            started.set()
+            deadline = threading.Event()
+            for _ in range(500):  # trains until this process has run llm2 (5 s at most: a waiting process never does)
+                if "llm2" in ran:
+                    break
+                deadline.wait(0.01)
+            (tmp_path / "enc1.pth").write_bytes(b"weights")
+            grid.write_json_atomically(grid.run_file(output, enc1), {"saved_model_file": str(tmp_path / "enc1.pth")})
+
+    started = threading.Event()
+    other = threading.Thread(target=other_process_trains_enc1, args=(started,))
+    other.start()
+    started.wait()
+    failed = grid.execute([enc1, llm1, enc2, llm2], output, work)
+    other.join()
+    assert failed == []
+    assert ran == ["enc2", "llm2", "llm1"]
+    assert json.loads(open(tmp_path / "work" / "logs" / "llm1.spec.json").read())["encoder_file"] == str(
+        grid.run_file(output, enc1)
+    )
+
+
 def test_gate_table_gives_each_gate_its_top_weight_so_a_uniform_gate_is_not_read_as_routing(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid
