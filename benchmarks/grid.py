@@ -5,6 +5,8 @@
     python benchmarks/grid.py --status              # what is done and what is pending, without running
     python benchmarks/grid.py --report-only         # rewrite results/ from the finished runs
     python benchmarks/grid.py --quick --output /tmp/quick   # a tiny grid (minutes), as the test suite runs it
+    python benchmarks/grid.py --protocol lapse      # CaseQ's temporal shift (results/lapse/)
+    python benchmarks/grid.py --protocol continual  # PESO's continual training over time blocks (results/continual/)
 
 Every run is a subprocess (``--worker``) that trains and tests one row on one dataset with one seed and writes
 ``<output>/runs/<dataset>/<row>-seed<seed>-<hash>.json`` atomically when it has finished; ``<hash>`` digests the
@@ -57,6 +59,7 @@ BASELINE_BUDGET = PROPERTIES / "benchmark" / "baselines.yaml"
 ENCODER_BUDGET = PROPERTIES / "benchmark" / "encoder.yaml"
 QUICK = PROPERTIES / "benchmark" / "quick.yaml"
 LAPSE_PROPERTIES = PROPERTIES / "benchmark" / "lapse.yaml"
+CONTINUAL_PROPERTIES = PROPERTIES / "benchmark" / "continual.yaml"
 
 # name: (kind, model, overrides, description)
 ROWS = {
@@ -90,6 +93,30 @@ ROWS = {
     "iLoRA-gate-uniform-generative": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA-gate-uniform, the paper's way"),
     "iLoRA-gate-prompt_mean-generative": (
         "llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA-gate-prompt_mean, the paper's way"
+    ),
+    # --protocol continual (PESO's setting, results/continual/): one model trained block after block over time.
+    "UniformLoRA-finetune": (
+        "continual", "UniformLoRA", {"continual_strategy": "finetune"},
+        "UniformLoRA, one adapter fine-tuned block after block, no penalty (single evolving LoRA)",
+    ),
+    "UniformLoRA-l2": (
+        "continual", "UniformLoRA", {"continual_strategy": "l2"},
+        "the same with an L2 proximal term, its weight chosen among 0.1, 1, 10 on block 1's validation",
+    ),
+    "UniformLoRA-peso": (
+        "continual", "UniformLoRA", {"continual_strategy": "softmax_kl"},
+        "the same with PESO's softmax-KL proximal term (lambda 2.0)",
+    ),
+    "UniformLoRA-cumulative": (
+        "continual", "UniformLoRA", {"continual_strategy": "cumulative"},
+        "UniformLoRA retrained from scratch on all data up to each block",
+    ),
+    "iLoRA-finetune": (
+        "continual", "iLoRA", {"continual_strategy": "finetune"}, "iLoRA fine-tuned block after block, no penalty",
+    ),
+    "iLoRA-peso": (
+        "continual", "iLoRA", {"continual_strategy": "softmax_kl"},
+        "iLoRA with PESO's term over the whole adapter (gate, projector and head not penalised)",
     ),
 }  # fmt: skip
 # Rows with the paper's own protocol: properties/generative.yaml (candidates in the prompt, LM loss on the title).
@@ -129,6 +156,13 @@ DEFAULT_BACKBONE = "smollm2-135m-instruct"
 LAPSE_ROWS = ["GRU4Rec", "SASRec", "CaseQ", "CaseQ-gru", "SASRec-encoder", "iLoRA"]
 QUICK_LAPSE = 3
 LAPSE_METRICS = ["ndcg@10", "hit@10"]
+# The continual protocol's rows (issue 21): UniformLoRA with the four strategies, iLoRA with fine-tuning and PESO.
+CONTINUAL_ROWS = [row for row, spec in ROWS.items() if spec[0] == "continual"]
+QUICK_CONTINUAL_ROWS = ["UniformLoRA-finetune", "UniformLoRA-peso"]
+QUICK_CONTINUAL_BLOCKS = 3  # the 40 users of the fixture: 3 blocks leave every block some users
+CONTINUAL_DATASETS = ["ml-100k"]  # real timestamps over about 7 months (LastFM's are per-user positions)
+# Each block's figures in the continual report: (test mode, metric).
+CONTINUAL_METRICS = [("full", "ndcg@10"), ("uni19", "hit@1")]
 QUICK_BACKBONE = "embedded"
 # The embedded backbone's rows recorded before the pretrained default (commit 8ebdd43 and earlier), with their own
 # reports; a later code changed the prompts and budgets they used, so they are kept as they are, not re-planned.
@@ -165,12 +199,14 @@ def config_files(dataset, kind, quick, row=None, protocol="standard"):
         files.append(PROPERTIES / "dataset" / "lastfm.yaml")  # the tiny fixture is a LastFM subset
     if kind == "baseline":
         files.append(BASELINE_BUDGET)
-    if kind in ("encoder", "llm"):
+    if kind in ("encoder", "llm", "continual"):  # a continual run's per-block encoders train like the grid's
         files.append(ENCODER_BUDGET)
     if row in GENERATIVE_ROWS:
         files.append(GENERATIVE_PROPERTIES)
     if protocol == "lapse":
         files.append(LAPSE_PROPERTIES)
+    if protocol == "continual":
+        files.append(CONTINUAL_PROPERTIES)
     if quick:
         files.append(QUICK)
     return [str(path) for path in files]
@@ -225,10 +261,12 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
             for row in wanted:
                 kind, model, overrides, _ = ROWS[row]
                 config_dict = {"seed": seed, "show_progress": False, **overrides}
-                if kind == "llm":
+                if kind in ("llm", "continual"):
                     config_dict["llm_backbone"] = backbone
                 if protocol == "lapse" and quick:
                     config_dict["lapse"] = QUICK_LAPSE  # the 40 users of the fixture are too short for 30
+                if protocol == "continual" and quick:
+                    config_dict["continual_blocks"] = QUICK_CONTINUAL_BLOCKS
                 path = data_path(dataset, quick)
                 if path:
                     config_dict["data_path"] = path
@@ -256,7 +294,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                         "config_files": files,
                         "config_dict": config_dict,
                         "encoder": encoder_id if kind == "llm" else None,
-                        "backbone": backbone if kind == "llm" else None,
+                        "backbone": backbone if kind in ("llm", "continual") else None,
                         "command": runner_command(config, model, dataset, files, config_dict, kind),
                     }
                 )
@@ -445,7 +483,7 @@ def execute(runs, output, work, after_each=None):
                     continue
                 spec["encoder_file"] = str(run_file(output, encoder_run))
             spec_path = work / "logs" / f"{run['run_id']}.spec.json"
-            spec.update(earlier_attempt(work, run["run_id"]))
+            spec.update(earlier_attempt(work, run["run_id"], continual=run["kind"] == "continual"))
             spec_path.write_text(json.dumps(spec, indent=1))
             log_path = work / "logs" / f"{run['run_id']}.log"
             resumed = f" (resumed from {spec['resume_checkpoint']})" if spec.get("resume_checkpoint") else ""
@@ -470,12 +508,14 @@ def execute(runs, output, work, after_each=None):
     return failed
 
 
-def earlier_attempt(work, run_id):
+def earlier_attempt(work, run_id, continual=False):
     """What an unfinished earlier attempt of ``run_id`` left (its worker killed, or the grid stopped): its log moved
     to ``<run>.attempt-<n>.log``, its wall time, the state it resumed from, and the training state it named, which
     the new attempt resumes from (``resume_checkpoint``: exact, so the run's hash and figures stay; a state written
-    when training had finished sends the run straight to its tests). Returns the spec's ``earlier_attempts`` and
-    ``resume_checkpoint``."""
+    when training had finished sends the run straight to its tests). A ``continual`` run resumes from the progress
+    file its log names (``<model>-continual-<time>.continual.json``, written as each block ends): at the block it
+    was in, from the last finished block's weights; killed in its first block, it starts over. Returns the spec's
+    ``earlier_attempts`` and ``resume_checkpoint``."""
     logs = Path(work) / "logs"
     log_path, spec_path = logs / f"{run_id}.log", logs / f"{run_id}.spec.json"
     if not log_path.exists():
@@ -484,7 +524,10 @@ def earlier_attempt(work, run_id):
     attempts = earlier.get("earlier_attempts", [])
     started = spec_path.stat().st_mtime if spec_path.exists() else log_path.stat().st_mtime
     text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(encoding="utf-8", errors="replace"))
-    states = re.findall(r"Training state(?::| loaded from) (\S+?\.training_state\.pth)", text)
+    if continual:  # a block's training states cannot resume a continual run; its progress file can
+        states = re.findall(r"(?:\(progress: |continual: resuming )(\S+?\.continual\.json)", text)
+    else:
+        states = re.findall(r"Training state(?::| loaded from) (\S+?\.training_state\.pth)", text)
     # A worker that died of an error is not resumed: the error may have been in what it trained.
     state = states[-1] if states and "Traceback (most recent call last)" not in text else None
     moved = logs / f"{run_id}.attempt-{len(attempts) + 1}.log"
@@ -543,22 +586,12 @@ def worker(spec_path):
     init_logger(config)
     if spec["kind"] == "encoder":
         config = sasrec_pretraining_config(config)
+    if spec["kind"] == "continual":
+        return continual_worker(spec, config, commit)
     result = train_and_evaluate(config, saved=True, verbose=True)  # per-epoch results in the run's log
     saved_model_file = str(Path(result["saved_model_file"]).resolve())
     record = {
-        "run_id": spec["run_id"],
-        "row": spec["row"],
-        "kind": spec["kind"],
-        "model": config["model"],
-        "dataset": spec["dataset"],
-        "seed": spec["seed"],
-        "command": spec["command"],
-        "commit": commit,
-        "hardware": hardware(),
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # Over the attempts this one went on from ("attempts"); CPU time is this process's only.
-        "wall_seconds": time.time() - STARTED + continued_wall(spec),
-        "cpu_seconds": time.process_time(),  # user + system time of this process: less sensitive to a busy machine
+        **record_header(spec, config, commit),
         "trainable_parameters": result["trainable_parameters"],
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
         "epochs_cap": config["epochs"],
@@ -573,9 +606,6 @@ def worker(spec_path):
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
     }
-    if spec.get("earlier_attempts"):
-        record["attempts"] = spec["earlier_attempts"] + [{"wall_seconds": time.time() - STARTED, "last": True}]
-        record["resumed_from"] = spec.get("resume_checkpoint")
     if record["generative"]:  # every user's candidates, answer and verdict, next to the run's JSON
         with open(record["generative"]["generations_file"], "rb") as source:
             with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
@@ -586,6 +616,53 @@ def worker(spec_path):
     write_json_atomically(spec["output"], record)
     if spec["kind"] == "encoder":
         keep_encoder_copy(spec["output"])
+
+
+def continual_worker(spec, config, commit):
+    """A continual run (``--protocol continual``): every block trained and tested by the plugin's continual mode; the
+    record holds each block's figures and their mean over blocks 1 .. T - 1."""
+    from recbole_ilora.continual_runner import run_continual
+
+    progress = run_continual(config, saved=True)
+    keep = ("block", "users", "users_left_out", "training_sequences", "trained_sequences", "learning_rate", "penalty",
+            "penalty_weight", "encoder", "epochs_run", "valid", "test", "timings", "wall_seconds")  # fmt: skip
+    record = {
+        **record_header(spec, config, commit),
+        "backbone": config["llm_backbone"],
+        "strategy": config["continual_strategy"],
+        "blocks_total": config["continual_blocks"],
+        "epochs_cap": config["epochs"],
+        "llm_train_sequences_per_user": config["llm_train_sequences_per_user"],
+        "blocks": [{key: block.get(key) for key in keep} for block in progress["blocks"]],
+        "mean_over_later_blocks": progress["mean_over_later_blocks"],
+        "l2_weight": progress.get("l2_weight"),
+        "l2_selection": progress.get("l2_selection"),
+        "progress_file": str(Path(progress["progress_file"]).resolve()),
+    }
+    write_json_atomically(spec["output"], record)
+
+
+def record_header(spec, config, commit):
+    """What every run's record begins with: which run, the code and machine, when, and what it cost."""
+    header = {
+        "run_id": spec["run_id"],
+        "row": spec["row"],
+        "kind": spec["kind"],
+        "model": config["model"],
+        "dataset": spec["dataset"],
+        "seed": spec["seed"],
+        "command": spec["command"],
+        "commit": commit,
+        "hardware": hardware(),
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # Over the attempts this one went on from ("attempts"); CPU time is this process's only.
+        "wall_seconds": time.time() - STARTED + continued_wall(spec),
+        "cpu_seconds": time.process_time(),  # user + system time of this process: less sensitive to a busy machine
+    }
+    if spec.get("earlier_attempts"):
+        header["attempts"] = spec["earlier_attempts"] + [{"wall_seconds": time.time() - STARTED, "last": True}]
+        header["resumed_from"] = spec.get("resume_checkpoint")
+    return header
 
 
 def continued_wall(spec):
@@ -822,6 +899,127 @@ def render_lapse(dataset, planned, by_row, quick, done):
         epochs = f"{record.get('epochs_run')} ({record.get('epochs_cap')})"
         minutes = f"{record['wall_seconds'] / 60:.1f}"
         out.append(f"| {record['run_id']} | {record['finished']} | {epochs} | {minutes} | {record['commit']} |")
+    return "\n".join(out) + "\n"
+
+
+def continual_report(runs, output, quick):
+    """Write ``<output>/<dataset>.md`` for the continual protocol: each block's test figures per row, their mean over
+    blocks 1 .. T - 1, the cost per block, and PESO's claim."""
+    for dataset, planned, done, _, by_row in per_dataset(runs, output):
+        text = render_continual(dataset, planned, by_row, quick, done)
+        Path(output, f"{dataset}.md").write_text(text, encoding="utf-8")
+        if done:
+            plot_continual(dataset, by_row, Path(output, f"{dataset}.png"))
+        print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
+
+
+def block_metric(record, block, mode, metric):
+    """A continual record's test figure on ``block`` (None if that block did not run)."""
+    blocks = [b for b in record["blocks"] if b["block"] == block]
+    return blocks[0]["test"][mode][metric] if blocks else None
+
+
+def later_mean(record, mode, metric):
+    """A continual record's figure averaged over blocks 1 .. T - 1 (None until every block has run)."""
+    if len(record["blocks"]) < record["blocks_total"]:
+        return None
+    return record["mean_over_later_blocks"][mode][metric]
+
+
+def render_continual(dataset, planned, by_row, quick, done):
+    import claims
+
+    seeds = sorted({run["seed"] for run in planned})
+    blocks = QUICK_CONTINUAL_BLOCKS if quick else 5
+    command = "python benchmarks/grid.py --protocol continual" + (" --quick" if quick else "")
+    command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
+    budget = training_budget().replace("for every LLM row", "in each block, for every row")
+    if done:  # what the runs did (the quick grid's epochs differ from the shipped default)
+        epochs, per_user = done[0]["epochs_cap"], done[0]["llm_train_sequences_per_user"]
+        budget = f"{epochs} epoch(s) on each user's {per_user} most recent training sequence(s) in each block"
+    out = [f"# {dataset}: continual training over {blocks} time blocks (PESO's setting)", ""]
+    out += incomplete_grid_lines(len(done), len(planned), 0)
+    out += [
+        f"Produced by `{command}` (one process per core; rerun to resume: a killed run restarts at its block); commits "
+        f"{', '.join(sorted({r['commit'] for r in done})) or '–'}, on "
+        f"{'; '.join(sorted({r['hardware'] for r in done})) or '–'}. The interactions in time order cut into "
+        f"{blocks} blocks of equal size; for block t, each user with at least 3 events in it trains on them but the "
+        "last two (histories reach into earlier blocks), validates on the second-to-last and is tested on the last "
+        "(`recbole_ilora/continual.py`). Before each block, the frozen SASRec encoder is trained on all data up to it, "
+        "once per seed, and every row reads the same encoders. Block 0 trains from scratch; later blocks start from "
+        "the previous block's best weights at a tenth of the learning rate, except `cumulative`, which retrains from "
+        f"scratch on every block up to t. Backbone: {backbone_line(planned)}. Budget: {budget}. Nothing is tuned, "
+        "except the L2 row's weight, chosen among 0.1, 1 and 10 on block 1's validation, as the issue asks.",
+        "",
+    ]
+    for mode, metric in CONTINUAL_METRICS:
+        out += [f"## {metric} ({mode}) per block, mean ± std over seeds", ""]
+        if mode == CONTINUAL_METRICS[0][0]:
+            out += [f"![per block]({dataset}.png)", ""]
+        header = " | ".join(f"block {b}" for b in range(blocks))
+        out += [f"| row | seeds | {header} | mean over blocks 1..{blocks - 1} |", "|---|---|" + "---|" * (blocks + 1)]
+        for row, records in by_row.items():
+            cells = []
+            for block in range(blocks):
+                values = [v for r in records if (v := block_metric(r, block, mode, metric)) is not None]
+                cells.append(fmt(*mean_std(values)) if values else "–")
+            later = [v for r in records if (v := later_mean(r, mode, metric)) is not None]
+            cells.append(f"**{fmt(*mean_std(later))}**" if later else "–")
+            out.append(f"| {row} | {len(records)} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## The paper's claim: PESO beats single evolving LoRA and cumulative retraining", ""]
+    mode, metric = CONTINUAL_METRICS[0]
+    out += [
+        f"Each row's {metric} ({mode}) averaged over blocks 1..{blocks - 1}, per seed, then mean ± std over seeds; "
+        "d: the difference in pooled standard deviations; a verdict needs |d| ≥ 2 (one seed gives none).",
+        "",
+        "| comparison | PESO | the other | verdict |",
+        "|---|---|---|---|",
+    ]
+    for peso, other in (("UniformLoRA-peso", "UniformLoRA-finetune"), ("UniformLoRA-peso", "UniformLoRA-cumulative"),
+                        ("UniformLoRA-peso", "UniformLoRA-l2"), ("iLoRA-peso", "iLoRA-finetune")):  # fmt: skip
+        if peso not in by_row or other not in by_row:
+            continue
+        a = claims.summary(by_row[peso], functools.partial(later_mean, mode=mode, metric=metric))
+        b = claims.summary(by_row[other], functools.partial(later_mean, mode=mode, metric=metric))
+        if not a or not b:
+            verdict = "not measured"
+        else:
+            verdict = claims.verdict_words(claims.in_std_units(a, b), None, a["mean"] > b["mean"])
+        out.append(f"| {peso} vs {other} | {claims.fmt_summary(a)} | {claims.fmt_summary(b)} | {verdict} |")
+    out += ["", "## Blocks and cost", ""]
+    out += ["Each block's users and training sequences (from the first seed's run of each row; `cumulative` trains on "
+            "every block up to t), and the wall minutes a block took (mean over seeds: its encoder, when this row "
+            "trained it, its training and its tests).", ""]  # fmt: skip
+    out += [
+        "| row | " + " | ".join(f"block {b}: users, sequences (trained), min" for b in range(blocks)) + " |",
+        "|---|" + "---|" * blocks,
+    ]
+    for row, records in by_row.items():
+        if not records:
+            continue
+        first = min(records, key=lambda r: r["seed"])
+        cells = []
+        for block in range(blocks):
+            mine = [b for b in first["blocks"] if b["block"] == block]
+            minutes = [b["wall_seconds"] / 60 for r in records for b in r["blocks"] if b["block"] == block]
+            if not mine:
+                cells.append("–")
+                continue
+            b = mine[0]
+            cells.append(f"{b['users']}, {b['training_sequences']} ({b['trained_sequences']}), "
+                         f"{statistics.fmean(minutes):.1f}")  # fmt: skip
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    l2 = [r for r in by_row.get("UniformLoRA-l2", []) if r.get("l2_weight") is not None]
+    if l2:
+        out += ["", "The L2 row's weight, chosen on block 1's validation (valid NDCG@10 of each weight): "
+                + "; ".join(f"seed {r['seed']}: {r['l2_weight']} ({r['l2_selection']})" for r in l2) + "."]  # fmt: skip
+    out += ["", "## Runs", "", "| run | what it is | finished | blocks | wall min | commit |", "|---" * 6 + "|"]
+    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
+        minutes = f"{record['wall_seconds'] / 60:.1f}"
+        blocks_run = f"{len(record['blocks'])} of {record['blocks_total']}"
+        out.append(f"| {record['run_id']} | {ROWS[record['row']][3]} | {record['finished']} | {blocks_run} | "
+                   f"{minutes} | {record['commit']} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -1189,7 +1387,7 @@ def default_rows(backbone):
     """The rows a grid of ``backbone`` runs by default: the embedded backbone's ablations ran the scoring head; the
     pretrained one's run the paper's protocol (``-generative``), where the paper measured them."""
     left_out = GENERATIVE_ABLATIONS if backbone == "embedded" else HEAD_ABLATIONS
-    return [row for row in ROWS if row not in left_out and not row.startswith("CaseQ")]
+    return [row for row in ROWS if row not in left_out and not row.startswith("CaseQ") and ROWS[row][0] != "continual"]
 
 
 def backbone_line(planned):
@@ -1284,6 +1482,31 @@ def plot_lapse(dataset, by_row, path):
     plt.close(figure)
 
 
+def plot_continual(dataset, by_row, path):
+    """Under the continual protocol: each row's test figures block by block (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(CONTINUAL_METRICS), figsize=(12, 4.5))
+    for axis, (mode, metric) in zip(axes, CONTINUAL_METRICS, strict=True):
+        for row, records in by_row.items():
+            blocks = sorted({b["block"] for r in records for b in r["blocks"]})
+            if not blocks:
+                continue
+            stats = [mean_std([v for r in records if (v := block_metric(r, b, mode, metric)) is not None])
+                     for b in blocks]  # fmt: skip
+            axis.errorbar(blocks, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], marker="o", capsize=3,
+                          label=row, linestyle="--" if row.endswith("cumulative") else "-")  # fmt: skip
+        axis.set_xlabel("time block")
+        axis.set_title(f"{dataset}: {metric} ({mode}) per block, mean ± std over seeds")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_gates(dataset, by_row, output, path):
     from recbole_ilora.gate_report import plot_routing
 
@@ -1314,9 +1537,10 @@ def main():
     )
     parser.add_argument(
         "--protocol",
-        choices=["standard", "lapse"],
+        choices=["standard", "lapse", "continual"],
         default="standard",
-        help="standard: the datasets' leave-one-out split; lapse: CaseQ's temporal shift (results/lapse/)",
+        help="standard: the datasets' leave-one-out split; lapse: CaseQ's temporal shift (results/lapse/); "
+        "continual: PESO's time blocks, one model trained block after block (results/continual/; ml-100k)",
     )
     parser.add_argument("--status", action="store_true", help="list finished and pending runs, run nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports from finished runs")
@@ -1330,21 +1554,27 @@ def main():
     if args.recover:
         return recover(args.recover, args.recover_commit)
 
-    datasets = args.datasets or list(QUICK_DATASETS if args.quick else DATASETS)
+    continual = args.protocol == "continual"
+    datasets = args.datasets or list(QUICK_DATASETS if args.quick else CONTINUAL_DATASETS if continual else DATASETS)
     known = QUICK_DATASETS if args.quick else DATASETS
     for dataset in datasets:
         if dataset not in known:
             parser.error(f"unknown dataset {dataset!r} for this grid; choose from {list(known)}")
     backbone = args.backbone or (QUICK_BACKBONE if args.quick else DEFAULT_BACKBONE)
     lapse = args.protocol == "lapse"
-    defaults = (["SASRec", "CaseQ"] if args.quick else LAPSE_ROWS) if lapse else QUICK_ROWS if args.quick else None
+    if lapse:
+        defaults = ["SASRec", "CaseQ"] if args.quick else LAPSE_ROWS
+    elif continual:
+        defaults = QUICK_CONTINUAL_ROWS if args.quick else CONTINUAL_ROWS
+    else:
+        defaults = QUICK_ROWS if args.quick else None
     rows = args.rows or defaults or default_rows(backbone)
     seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
     if args.output:
         output = Path(args.output).resolve()
     else:
         output = REPO / "results" / ("" if backbone == DEFAULT_BACKBONE or args.quick else backbone)
-        output = REPO / "results" / "lapse" if lapse else output
+        output = REPO / "results" / "lapse" if lapse else REPO / "results" / "continual" if continual else output
     work = Path(args.work).resolve() if args.work else (
         REPO / "benchmarks" / "work" if output == REPO / "results" else output / "work"
     )  # fmt: skip
@@ -1360,7 +1590,7 @@ def main():
 
     def write_reports():
         with run_lock(work, "reports", wait=True):  # one grid process at a time rewrites the shared reports
-            (lapse_report if lapse else report)(report_runs, output, args.quick)
+            (lapse_report if lapse else continual_report if continual else report)(report_runs, output, args.quick)
 
     failed = [] if args.report_only else execute(runs, output, work, write_reports)
     write_reports()

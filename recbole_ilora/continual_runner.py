@@ -35,6 +35,11 @@ from recbole.utils import get_local_time, init_seed, set_color
 from recbole_ilora._compat import atomic_torch_save, safe_load
 from recbole_ilora.quick_start import pretrain_sasrec, train_and_evaluate
 
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks; runs sharing a checkpoint_dir may then train an encoder twice
+    fcntl = None
+
 STRATEGIES = ("finetune", "l2", "softmax_kl", "cumulative")
 ENCODER_KEYS = ("sasrec_epochs", "sasrec_learning_rate", "sasrec_train_batch_size", "sasrec_stopping_step",
                 "hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH")  # fmt: skip
@@ -78,13 +83,18 @@ def encoder_for_block(config, block):
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     name = f"{config['dataset']}-seed{config['seed']}-T{config['continual_blocks']}-block{block}-{digest}"
     path = os.path.join(folder, name + ".pth")
-    if os.path.isfile(path):
-        getLogger().info(set_color("continual", "green") + f": block {block} reuses its encoder {path}")
-        return path
     os.makedirs(folder, exist_ok=True)
-    trained = pretrain_sasrec(block_config(config, block, cumulative=True), show_progress=config["show_progress"])
-    shutil.copyfile(trained, path + ".partial")
-    os.replace(path + ".partial", path)
+    # Runs sharing a checkpoint_dir (a grid's processes, one strategy each) train a block's encoder once: the first
+    # holds the lock while it trains, the others wait for it and reuse its checkpoint.
+    with open(path + ".lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.isfile(path):
+            getLogger().info(set_color("continual", "green") + f": block {block} reuses its encoder {path}")
+            return path
+        trained = pretrain_sasrec(block_config(config, block, cumulative=True), show_progress=config["show_progress"])
+        shutil.copyfile(trained, path + ".partial")
+        os.replace(path + ".partial", path)
     return path
 
 
@@ -179,6 +189,8 @@ def run_continual(config, saved=True):
             "weights": weights,
             "checkpoint": result["saved_model_file"],
             "epochs_run": result["epochs_run"],
+            **(result["block_statistics"] or {}),  # users, users_left_out, training_sequences (before the budget)
+            "trained_sequences": result["trained_sequences"],  # after the LLM's budget
             "timings": result["timings"],
             "wall_seconds": (datetime.datetime.now() - started).total_seconds(),
         }  # fmt: skip

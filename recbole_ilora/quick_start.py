@@ -338,6 +338,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         model.attach_splits(train_data, valid_data, test_data)
     if isinstance(model, LLMSequentialRecommender):
         train_data = budget_training_data(config, train_data)
+    trained_sequences = len(train_data.dataset)
     if verbose:
         logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -389,6 +390,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
         "stopped_early": epochs_run < config["epochs"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trained_sequences": trained_sequences,  # the training loader's sequences per epoch, after the LLM budget
+        "block_statistics": getattr(dataset, "block_stats", None),  # a continual run's block: users, sequences
     }
 
 

@@ -530,6 +530,84 @@ def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
     assert (tmp_path / "lapse" / "lastfm-tiny.png").read_bytes().startswith(b"\x89PNG")  # the chart it shows
 
 
+def test_continual_grid_records_every_block_and_reports_them(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", "continual"]
+    command += ["--rows", "UniformLoRA-peso", "--output", str(tmp_path / "continual")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = (tmp_path / "continual" / "runs" / "lastfm-tiny").glob("UniformLoRA-peso-seed2020-*.json")
+    record = json.loads(path.read_text())
+    blocks = record["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1, 2] and record["strategy"] == "softmax_kl"
+    assert [b["penalty"] for b in blocks] == ["none", "softmax_kl", "softmax_kl"]
+    rates = [b["learning_rate"] for b in blocks]
+    assert rates[1] == pytest.approx(rates[0] * 0.1) and rates[2] == rates[1]  # from the previous block's weights
+    assert len({b["encoder"] for b in blocks}) == 3  # each block's own encoder
+    assert all(0 < b["trained_sequences"] <= b["users"] <= 40 for b in blocks)  # one sequence per user, the budget
+    markdown = (tmp_path / "continual" / "lastfm-tiny.md").read_text()
+    line = next(line for line in markdown.splitlines() if line.startswith("| UniformLoRA-peso | 1 |"))
+    figures = [b["test"]["full"]["ndcg@10"] for b in blocks]
+    mean = record["mean_over_later_blocks"]["full"]["ndcg@10"]
+    assert mean == pytest.approx((figures[1] + figures[2]) / 2)
+    assert " | ".join(f"{v:.4f}" for v in figures) + f" | **{mean:.4f}** |" in line
+    assert "| UniformLoRA-finetune | 0 |" in markdown  # the quick grid's other row, pending
+    assert (tmp_path / "continual" / "lastfm-tiny.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_continual_claim_compares_the_mean_over_later_blocks_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def record(row, seed, later):  # block 0 is the same for both rows: only blocks 1..T-1 count
+        blocks = [{"block": b, "test": {"full": {"ndcg@10": 0.5 if b == 0 else later}, "uni19": {"hit@1": 0.2}},
+                   "users": 10, "training_sequences": 30, "trained_sequences": 10, "wall_seconds": 60.0}
+                  for b in range(3)]  # fmt: skip
+        mean = {"full": {"ndcg@10": later}, "uni19": {"hit@1": 0.2}}
+        return {"run_id": f"{row}-{seed}", "row": row, "seed": seed, "blocks": blocks, "blocks_total": 3,
+                "mean_over_later_blocks": mean, "commit": "c", "hardware": "h", "finished": "t",
+                "wall_seconds": 180.0, "epochs_cap": 1, "llm_train_sequences_per_user": 1}  # fmt: skip
+
+    planned = [{"seed": seed, "backbone": "embedded"} for seed in (1, 2, 3)]
+
+    def claim_line(peso, finetune):
+        by_row = {
+            row: [record(row, seed, v) for seed, v in zip((1, 2, 3), values, strict=True)]
+            for row, values in (("UniformLoRA-finetune", finetune), ("UniformLoRA-peso", peso))
+        }
+        done = [r for records in by_row.values() for r in records]
+        markdown = grid.render_continual("d", planned, by_row, True, done)
+        return next(line for line in markdown.splitlines() if line.startswith("| UniformLoRA-peso vs"))
+
+    assert claim_line([0.30, 0.31, 0.32], [0.20, 0.21, 0.22]).endswith("| reproduced |")
+    assert "not reproduced (the other way round)" in claim_line([0.20, 0.21, 0.22], [0.30, 0.31, 0.32])
+    assert "not distinguishable at this budget (d = +0.5" in claim_line([0.21, 0.25, 0.23], [0.20, 0.24, 0.22])
+
+
+def test_a_killed_continual_grid_run_resumes_from_its_progress_file_not_a_blocks_training_state(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    logs, saved = tmp_path / "logs", tmp_path / "saved"
+    logs.mkdir()
+    saved.mkdir()
+    (saved / "UniformLoRA-x.training_state.pth").write_bytes(b"state")
+    (saved / "UniformLoRA-continual-t.continual.json").write_text("{}")
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r"}))
+    in_block_0 = "Training state: saved/UniformLoRA-x.training_state.pth (resume with --resume_checkpoint=<it>)\n"
+    (logs / "r.log").write_text(in_block_0)  # killed in its first block: no block finished, nothing to resume
+    assert grid.earlier_attempt(tmp_path, "r", continual=True)["resume_checkpoint"] is None
+    (logs / "r.log").write_text(
+        "\x1b[33mcontinual block 0\x1b[0m: {'full': {}} (progress: saved/UniformLoRA-continual-t.continual.json)\n"
+        + in_block_0  # killed in block 1, after its first training state
+    )
+    resumed = grid.earlier_attempt(tmp_path, "r", continual=True)
+    assert resumed["resume_checkpoint"] == str(saved / "UniformLoRA-continual-t.continual.json")
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r", **resumed}))
+    (logs / "r.log").write_text("continual: resuming saved/UniformLoRA-continual-t.continual.json at block 1\n")
+    again = grid.earlier_attempt(tmp_path, "r", continual=True)  # killed again before block 1 ended
+    assert again["resume_checkpoint"] == resumed["resume_checkpoint"] and len(again["earlier_attempts"]) == 2
+
+
 def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid
