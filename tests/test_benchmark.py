@@ -512,13 +512,18 @@ def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them
     assert claims.encoder_on_candidates(path, "no-such-file", tmp_path / "cache.json") == result  # cached
 
 
-def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", "lapse"]
-    command += ["--rows", "SASRec", "--output", str(tmp_path / "lapse")]
+def quick_protocol_run(tmp_path, protocol, row):
+    """One row of the quick grid under ``protocol``, run as a user runs it; returns its record."""
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", protocol]
+    command += ["--rows", row, "--output", str(tmp_path / protocol)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (path,) = (tmp_path / "lapse" / "runs" / "lastfm-tiny").glob("SASRec-seed2020-*.json")
-    record = json.loads(path.read_text())
+    (path,) = (tmp_path / protocol / "runs" / "lastfm-tiny").glob(f"{row}-seed2020-*.json")
+    return json.loads(path.read_text())
+
+
+def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
+    record = quick_protocol_run(tmp_path, "lapse", "SASRec")
     assert set(record["test"]) == {"full", "full_no_lapse", "uni100", "uni100_no_lapse"}
     before, after = record["test"]["uni100_no_lapse"]["ndcg@10"], record["test"]["uni100"]["ndcg@10"]
     assert record["lapse_drops"]["uni100"]["ndcg@10"] == pytest.approx((before - after) / before)
@@ -531,12 +536,7 @@ def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
 
 
 def test_continual_grid_records_every_block_and_reports_them(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", "continual"]
-    command += ["--rows", "UniformLoRA-peso", "--output", str(tmp_path / "continual")]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (path,) = (tmp_path / "continual" / "runs" / "lastfm-tiny").glob("UniformLoRA-peso-seed2020-*.json")
-    record = json.loads(path.read_text())
+    record = quick_protocol_run(tmp_path, "continual", "UniformLoRA-peso")
     blocks = record["blocks"]
     assert [b["block"] for b in blocks] == [0, 1, 2] and record["strategy"] == "softmax_kl"
     assert [b["penalty"] for b in blocks] == ["none", "softmax_kl", "softmax_kl"]
