@@ -603,6 +603,7 @@ def worker(spec_path):
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
         "generative": result["generative_result"],
         "lapse_drops": result["lapse_drops"],
+        "model_summary": result["model_summary"],  # what the model reports of its training (Laser: balance loss)
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
     }
@@ -1160,6 +1161,20 @@ def gate_table(by_row, output):
     return "\n".join(lines)
 
 
+def balance_lines(by_row):
+    """Laser's load-balancing loss at its last training step, per seed (its router's share of users per expert is in
+    the gate table): E * sum_e p_e f_e over the batch's history items, without its weight alpha; 1 when the experts
+    are used evenly, E when one expert takes every item."""
+    records = sorted(by_row.get("Laser", []), key=lambda r: r["seed"])
+    losses = [(r["seed"], (r.get("model_summary") or {}).get("balance_loss")) for r in records]
+    losses = [(seed, loss) for seed, loss in losses if loss is not None]
+    if not losses:
+        return []
+    text = "; ".join(f"seed {seed}: {loss:.4f}" for seed, loss in losses)
+    return [f"Laser's balance loss E * sum_e p_e f_e at the last training step, without its weight (1 when the experts "
+            f"are used evenly, E = 8 when one expert takes every history item): {text}.", ""]  # fmt: skip
+
+
 def top_weight(path):
     """The mean over users of their largest expert weight (``<run>.gates.jsonl``), or None without that file. It tells
     a gate that prefers an expert from one that leads by a hair: a user led by expert 2 at 0.2503 is not routed."""
@@ -1285,6 +1300,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "",
         gate_table(by_row, output),
         "",
+        *balance_lines(by_row),
         "## Rows",
         "",
         "| row | what it is | command of one run (seed shown for the first seed) |",

@@ -388,6 +388,17 @@ def test_a_grid_process_runs_other_runs_while_another_trains_the_encoder_it_need
     )
 
 
+def test_the_report_gives_lasers_balance_loss_per_seed_from_its_records(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    laser = [{"seed": 2021, "model_summary": {"balance_loss": 1.25}}, {"seed": 2020, "model_summary": None},
+             {"seed": 2022, "model_summary": {"balance_loss": 7.9}}]  # fmt: skip
+    (line, _) = grid.balance_lines({"Laser": laser, "iLoRA": [{"seed": 2020}]})
+    assert line.endswith("seed 2021: 1.2500; seed 2022: 7.9000.")  # seed order; a run without the figure left out
+    assert grid.balance_lines({"iLoRA": [{"seed": 2020}]}) == []  # no Laser row, no line
+
+
 def test_gate_table_gives_each_gate_its_top_weight_so_a_uniform_gate_is_not_read_as_routing(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid
