@@ -399,6 +399,27 @@ def test_the_report_gives_lasers_balance_loss_per_seed_from_its_records(monkeypa
     assert grid.balance_lines({"iLoRA": [{"seed": 2020}]}) == []  # no Laser row, no line
 
 
+def test_answer_popularity_ranks_answers_and_targets_among_their_candidates_by_training_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import answer_popularity as ap
+
+    assert ap.ranks([5, 9, 5, 1]) == [2.5, 1.0, 2.5, 4.0]  # ties share their mean rank
+    counts = {10: 9, 11: 5, 12: 5, 13: 1}  # times each item is a training target
+    lines = [  # candidates 10..13; user a's target is the most trained, b's ties with another
+        {"user_id": "a", "target_id": 10, "candidate_ids": [13, 10, 11, 12], "candidates": ["D", "A", "B", "C"],
+         "named": ["D"]},  # answers the least trained: rank 4
+        {"user_id": "b", "target_id": 11, "candidate_ids": [11, 12, 13, 99], "candidates": ["B", "C", "D", "Z"],
+         "named": ["B", "C"]},  # names two candidates: not counted as an answer
+    ]  # fmt: skip
+    stats = ap.popularity_statistics(lines, counts, {"a": 10, "b": 11})
+    assert stats["popularity_pick_hit@1"] == pytest.approx((1 + 0.5) / 2)  # b's target shares the top with item 12
+    assert stats["target_rank_mean"] == pytest.approx((1 + 1.5) / 2)
+    assert stats["answers_naming_one_candidate"] == 1 and stats["answer_rank_mean"] == 4.0
+    assert stats["answers_most_trained"] == 0.0 and stats["random_pick"]["answer_rank_mean"] == 2.5
+    with pytest.raises(ValueError, match="user b: the file's target 11 is not the user's test item"):
+        ap.popularity_statistics(lines, counts, {"a": 10, "b": 12})  # another split: refused
+
+
 def test_gate_table_gives_each_gate_its_top_weight_so_a_uniform_gate_is_not_read_as_routing(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid
