@@ -11,7 +11,8 @@ generations file as ``<run>.popularity.json`` and printed:
   credit): what picking by popularity alone scores on these very lists;
 - ``answer_rank_mean`` and ``answers_most_trained``: where the model's answers (those naming exactly one candidate)
   stand among their lists, against 10.5 and 0.05 for a pick at random;
-- ``target_rank_mean``: where the targets stand (uniform negatives are mostly unpopular, so targets rank high).
+- ``target_rank_mean``: where the targets stand (uniform negatives are mostly unpopular, so targets rank high);
+- ``answers_by_position``: how many answers name the candidate at each place of the prompt's list.
 
 The candidate ids are the run's internal item ids; the script checks, user by user, that the target of each line is
 that user's test item in the dataset's own split, so a file from another dataset or split is refused.
@@ -57,6 +58,7 @@ def ranks(values):
 def popularity_statistics(lines, counts, test_items):
     users = picked = 0.0
     answer_ranks, target_ranks = [], []
+    positions = collections.Counter()  # where in its list each answer stands (a bias to the first or last?)
     for line in lines:
         if test_items.get(str(line["user_id"])) != line["target_id"]:
             raise ValueError(
@@ -74,6 +76,7 @@ def popularity_statistics(lines, counts, test_items):
         named = line.get("named") or []
         if len(named) == 1 and named[0] in line["candidates"]:
             answer_ranks.append(rank[line["candidates"].index(named[0])])
+            positions[line["candidates"].index(named[0])] += 1
     return {
         "users": int(users),
         "popularity_pick_hit@1": picked / users,
@@ -82,6 +85,7 @@ def popularity_statistics(lines, counts, test_items):
         "answer_rank_mean": statistics.fmean(answer_ranks) if answer_ranks else None,
         "answers_most_trained": sum(r <= 1.5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
         "answers_in_top_5": sum(r <= 5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
+        "answers_by_position": [positions[i] for i in range(len(lines[0]["candidate_ids"]))] if lines else [],
         "random_pick": {
             "answer_rank_mean": (len(lines[0]["candidate_ids"]) + 1) / 2 if lines else None,
             "answers_most_trained": 1 / len(lines[0]["candidate_ids"]) if lines else None,
