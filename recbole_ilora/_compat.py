@@ -1,8 +1,8 @@
 """RecBole 1.2.1 on today's stack: every shim in one place, each with the reason and a test (tests/test_compat.py).
 
 RecBole 1.2.1 was released for numpy 1, pandas 1/2 and torch < 2.6. On the stack pinned in setup.cfg it breaks
-in six known ways; :func:`apply` fixes them without editing any installed file. It is idempotent and is called
-by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
+in six known ways and is noisy in a seventh; :func:`apply` fixes them without editing any installed file. It is
+idempotent and is called by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
 
 1. numpy 2 removed ``np.float_``, ``np.complex_`` and ``np.unicode_``; ``Config.compatibility_settings`` reads
    them (to set even older aliases) and raises ``AttributeError``. Shim: alias the three before the first Config.
@@ -30,6 +30,12 @@ by :class:`recbole_ilora.config.Config` before RecBole's own ``Config`` runs.
    run race for the checkpoint folder (each process's trainer and ``data_preparation`` create it): the loser dies
    with ``FileExistsError``. Seen in this suite's 2-process test. Shim: the ``ensure_dir`` name in every RecBole
    module that imported it becomes :func:`ensure_dir`, ``os.makedirs(path, exist_ok=True)``.
+
+7. RecBole's ``Dataset`` calls ``fillna(inplace=True)`` on a column and ``Series.agg(len)``; pandas 2.2+ answers
+   each with a ``FutureWarning`` about pandas 3 (four warnings, about 20 lines, every time a dataset is built: in
+   every run's output and log, and the benchmark grid's console). The behaviour they announce cannot happen here
+   (shim 4 refuses pandas 3), so they tell a user nothing. Shim: :func:`quiet_recbole_pandas_warnings` ignores
+   ``FutureWarning`` raised from ``recbole.data.dataset.dataset`` only.
 
 Also: ``recbole.quick_start`` imports ray 2.6.3, which fails on this stack (``pkg_resources``); this package never
 imports it (``recbole_ilora.quick_start`` follows RecBole's steps with RecBole's parts).
@@ -220,12 +226,20 @@ def check_pandas(version=None):
         )
 
 
+def quiet_recbole_pandas_warnings():
+    """Shim 7: ignore pandas' FutureWarnings about pandas 3 raised from RecBole's ``Dataset`` (pandas 3 is refused)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.data\.dataset\.dataset")
+
+
 def apply():
     """Apply every shim once per process. Safe to call many times."""
     global _APPLIED
     if _APPLIED:
         return
     check_pandas()
+    quiet_recbole_pandas_warnings()
     alias_numpy_2_names()
     import_sequential_models_without_anomaly_mode()
     _patch_checkpoint_saving()

@@ -114,3 +114,28 @@ def test_ensure_dir_tolerates_a_folder_another_process_created_after_the_check(t
     data_utils.ensure_dir(str(tmp_path / "new" / "nested"))
     monkeypatch.undo()
     assert folder.is_dir() and (tmp_path / "new" / "nested").is_dir()
+
+
+def test_recboles_pandas_3_future_warnings_are_silenced_and_nothing_else(tmp_path):
+    import warnings
+
+    from recbole.data import create_dataset
+
+    from recbole_ilora.config import Config
+
+    config = Config(model="SASRec", config_dict={**TINY, "checkpoint_dir": str(tmp_path)})
+
+    def warnings_building_the_dataset(quiet):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                _compat.quiet_recbole_pandas_warnings()
+            create_dataset(config)
+            warnings.warn("a FutureWarning of the plugin's own", FutureWarning, stacklevel=1)
+        return [(w.category, os.path.basename(w.filename)) for w in caught]
+
+    loud = warnings_building_the_dataset(quiet=False)
+    assert loud.count((FutureWarning, "dataset.py")) >= 3  # RecBole 1.2.1 on pandas 2.3: fillna, agg(len)
+    quiet = warnings_building_the_dataset(quiet=True)
+    assert (FutureWarning, "dataset.py") not in quiet
+    assert (FutureWarning, "test_compat.py") in quiet  # only RecBole's Dataset is silenced
