@@ -56,7 +56,7 @@ def ranks(values):
 
 
 def popularity_statistics(lines, counts, test_items):
-    users = picked = 0.0
+    picked = 0.0
     answer_ranks, target_ranks = [], []
     positions = collections.Counter()  # where in its list each answer stands (a bias to the first or last?)
     for line in lines:
@@ -68,28 +68,29 @@ def popularity_statistics(lines, counts, test_items):
         trained = [counts.get(item, 0) for item in line["candidate_ids"]]
         rank = ranks(trained)
         target = line["candidate_ids"].index(line["target_id"])
-        users += 1
         most = max(trained)
         if trained[target] == most:
             picked += 1 / sum(count == most for count in trained)
         target_ranks.append(rank[target])
         named = line.get("named") or []
         if len(named) == 1 and named[0] in line["candidates"]:
-            answer_ranks.append(rank[line["candidates"].index(named[0])])
-            positions[line["candidates"].index(named[0])] += 1
+            place = line["candidates"].index(named[0])
+            answer_ranks.append(rank[place])
+            positions[place] += 1
+    size = len(lines[0]["candidate_ids"]) if lines else None
     return {
-        "users": int(users),
-        "popularity_pick_hit@1": picked / users,
+        "users": len(lines),
+        "popularity_pick_hit@1": picked / len(lines),
         "target_rank_mean": statistics.fmean(target_ranks),
         "answers_naming_one_candidate": len(answer_ranks),
         "answer_rank_mean": statistics.fmean(answer_ranks) if answer_ranks else None,
         "answers_most_trained": sum(r <= 1.5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
         "answers_in_top_5": sum(r <= 5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
-        "answers_by_position": [positions[i] for i in range(len(lines[0]["candidate_ids"]))] if lines else [],
+        "answers_by_position": [positions[i] for i in range(size or 0)],
         "random_pick": {
-            "answer_rank_mean": (len(lines[0]["candidate_ids"]) + 1) / 2 if lines else None,
-            "answers_most_trained": 1 / len(lines[0]["candidate_ids"]) if lines else None,
-        },  # fmt: skip
+            "answer_rank_mean": (size + 1) / 2 if size else None,
+            "answers_most_trained": 1 / size if size else None,
+        },
     }
 
 

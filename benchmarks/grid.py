@@ -822,12 +822,14 @@ def report(runs, output, quick):
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
 
 
-def lapse_report(runs, output, quick):
-    """Write ``<output>/<dataset>.md`` for the lapse protocol: both tests per mode, the relative drop, CaseQ's claim."""
+def page_and_chart_report(render, plot, runs, output, quick):
+    """Write ``<output>/<dataset>.md`` (``render``) and, once a run has finished, ``<output>/<dataset>.png``
+    (``plot``): the report of the lapse protocol (both tests per mode, the relative drop, CaseQ's claim) and of the
+    continual protocol (each block's figures, their mean over blocks 1 .. T - 1, the cost per block, PESO's claim)."""
     for dataset, planned, done, _, by_row in per_dataset(runs, output):
-        Path(output, f"{dataset}.md").write_text(render_lapse(dataset, planned, by_row, quick, done), encoding="utf-8")
+        Path(output, f"{dataset}.md").write_text(render(dataset, planned, by_row, quick, done), encoding="utf-8")
         if done:
-            plot_lapse(dataset, by_row, Path(output, f"{dataset}.png"))
+            plot(dataset, by_row, Path(output, f"{dataset}.png"))
         print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
 
 
@@ -835,7 +837,7 @@ def render_lapse(dataset, planned, by_row, quick, done):
     import claims
 
     seeds = sorted({run["seed"] for run in planned})
-    lapse = QUICK_LAPSE if quick else 30
+    lapse = QUICK_LAPSE if quick else shipped(LAPSE_PROPERTIES)["lapse"]
     command = "python benchmarks/grid.py --protocol lapse" + (" --quick" if quick else "")
     command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
     modes = ["full", "uni100"]
@@ -903,17 +905,6 @@ def render_lapse(dataset, planned, by_row, quick, done):
     return "\n".join(out) + "\n"
 
 
-def continual_report(runs, output, quick):
-    """Write ``<output>/<dataset>.md`` for the continual protocol: each block's test figures per row, their mean over
-    blocks 1 .. T - 1, the cost per block, and PESO's claim."""
-    for dataset, planned, done, _, by_row in per_dataset(runs, output):
-        text = render_continual(dataset, planned, by_row, quick, done)
-        Path(output, f"{dataset}.md").write_text(text, encoding="utf-8")
-        if done:
-            plot_continual(dataset, by_row, Path(output, f"{dataset}.png"))
-        print(f"wrote {Path(output, dataset + '.md')} ({len(done)} of {len(planned)} runs)", flush=True)
-
-
 def block_metric(record, block, mode, metric):
     """A continual record's test figure on ``block`` (None if that block did not run)."""
     blocks = [b for b in record["blocks"] if b["block"] == block]
@@ -931,10 +922,10 @@ def render_continual(dataset, planned, by_row, quick, done):
     import claims
 
     seeds = sorted({run["seed"] for run in planned})
-    blocks = QUICK_CONTINUAL_BLOCKS if quick else 5
+    blocks = QUICK_CONTINUAL_BLOCKS if quick else shipped(CONTINUAL_PROPERTIES)["continual_blocks"]
     command = "python benchmarks/grid.py --protocol continual" + (" --quick" if quick else "")
     command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
-    budget = training_budget().replace("for every LLM row", "in each block, for every row")
+    budget = training_budget(scope="in each block, for every row")
     if done:  # what the runs did (the quick grid's epochs differ from the shipped default)
         epochs, per_user = done[0]["epochs_cap"], done[0]["llm_train_sequences_per_user"]
         budget = f"{epochs} epoch(s) on each user's {per_user} most recent training sequence(s) in each block"
@@ -1367,15 +1358,20 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
     return "\n".join(out) + "\n"
 
 
-def training_budget():
-    """The LLM rows' training budget in words, from the shipped defaults they run with."""
+def shipped(path):
+    """A property file's settings."""
     import yaml
 
-    shipped = yaml.safe_load((PROPERTIES / "model" / "LLMSequentialRecommender.yaml").read_text(encoding="utf-8"))
-    per_user = shipped["llm_train_sequences_per_user"]
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def training_budget(scope="for every LLM row"):
+    """The LLM rows' training budget in words, from the shipped defaults they run with."""
+    defaults = shipped(PROPERTIES / "model" / "LLMSequentialRecommender.yaml")
+    per_user = defaults["llm_train_sequences_per_user"]
     sequences = "every training sequence" if per_user is None else f"each user's {per_user} most recent training "
     sequences += "" if per_user is None else ("sequence" if per_user == 1 else "sequences")
-    return f"{shipped['epochs']} epoch(s) on {sequences}, batch {shipped['train_batch_size']}, for every LLM row"
+    return f"{defaults['epochs']} epoch(s) on {sequences}, batch {defaults['train_batch_size']}, {scope}"
 
 
 def claims_lines(dataset, planned, by_row, output):
@@ -1570,27 +1566,28 @@ def main():
     if args.recover:
         return recover(args.recover, args.recover_commit)
 
-    continual = args.protocol == "continual"
-    datasets = args.datasets or list(QUICK_DATASETS if args.quick else CONTINUAL_DATASETS if continual else DATASETS)
+    # protocol: (default rows, and with --quick; its datasets; its results folder; its report)
+    protocols = {
+        "standard": (None, QUICK_ROWS, list(DATASETS), None, report),
+        "lapse": (LAPSE_ROWS, ["SASRec", "CaseQ"], list(DATASETS), "lapse",
+                  functools.partial(page_and_chart_report, render_lapse, plot_lapse)),
+        "continual": (CONTINUAL_ROWS, QUICK_CONTINUAL_ROWS, CONTINUAL_DATASETS, "continual",
+                      functools.partial(page_and_chart_report, render_continual, plot_continual)),
+    }  # fmt: skip
+    default_rows_of_protocol, quick_rows, protocol_datasets, folder, write_report = protocols[args.protocol]
+    datasets = args.datasets or list(QUICK_DATASETS if args.quick else protocol_datasets)
     known = QUICK_DATASETS if args.quick else DATASETS
     for dataset in datasets:
         if dataset not in known:
             parser.error(f"unknown dataset {dataset!r} for this grid; choose from {list(known)}")
     backbone = args.backbone or (QUICK_BACKBONE if args.quick else DEFAULT_BACKBONE)
-    lapse = args.protocol == "lapse"
-    if lapse:
-        defaults = ["SASRec", "CaseQ"] if args.quick else LAPSE_ROWS
-    elif continual:
-        defaults = QUICK_CONTINUAL_ROWS if args.quick else CONTINUAL_ROWS
-    else:
-        defaults = QUICK_ROWS if args.quick else None
+    defaults = quick_rows if args.quick else default_rows_of_protocol
     rows = args.rows or defaults or default_rows(backbone)
     seeds = args.seeds or (SEEDS[:1] if args.quick else SEEDS)
     if args.output:
         output = Path(args.output).resolve()
     else:
-        output = REPO / "results" / ("" if backbone == DEFAULT_BACKBONE or args.quick else backbone)
-        output = REPO / "results" / "lapse" if lapse else REPO / "results" / "continual" if continual else output
+        output = REPO / "results" / (folder or ("" if backbone == DEFAULT_BACKBONE or args.quick else backbone))
     work = Path(args.work).resolve() if args.work else (
         REPO / "benchmarks" / "work" if output == REPO / "results" else output / "work"
     )  # fmt: skip
@@ -1606,7 +1603,7 @@ def main():
 
     def write_reports():
         with run_lock(work, "reports", wait=True):  # one grid process at a time rewrites the shared reports
-            (lapse_report if lapse else continual_report if continual else report)(report_runs, output, args.quick)
+            write_report(report_runs, output, args.quick)
 
     failed = [] if args.report_only else execute(runs, output, work, write_reports)
     write_reports()
