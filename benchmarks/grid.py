@@ -12,7 +12,8 @@ Every run is a subprocess (``--worker``) that trains and tests one row on one da
 ``<output>/runs/<dataset>/<row>-seed<seed>-<hash>.json`` atomically when it has finished; ``<hash>`` digests the
 run's resolved RecBole configuration, so a finished run is skipped and a changed setting is run anew. Killing the
 grid loses little: rerun it, and the killed run resumes from its last training state (an LLM row writes one every
-10 training batches and when training ends). Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
+10 training batches and when training ends); a generative row killed in its tests goes on from the scores and answers
+they had journaled. Checkpoints, logs and the embedded LLaMA go to ``--work`` (not committed).
 Several grid processes may share ``--output`` and ``--work`` (one per core): runs are locked while they run, so the
 processes split the pending runs between them.
 

@@ -70,12 +70,15 @@ def summarize_verdicts(verdicts):
     }
 
 
-def evaluate_generation(config, model, output_file=None, show_progress=False):
+def evaluate_generation(config, model, output_file=None, show_progress=False, resume=False):
     """Greedy answers for every test user to a prompt listing its history and candidates (the target and
     never-interacted items, sampled after re-seeding with ``seed``: the same lists for every model).
 
     Writes one JSON line per user (prompt id, user, candidate ids and titles, target, output, named candidates,
-    verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``).
+    verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``), a batch at a time.
+    With ``resume``, the answers ``output_file`` already holds for the same users and candidates (written by a killed
+    evaluation of the same weights: the runner names the file after the model checkpoint) are kept and not generated
+    again; otherwise the file is written anew.
 
     Returns:
         dict: ``users``, ``valid_ratio``, ``hr@1_valid`` (``None`` when no answer is valid), ``hr@1_all`` and
@@ -84,6 +87,7 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
     from recbole.utils import get_local_time, init_seed, set_color
     from tqdm import tqdm
 
+    from recbole_ilora.journal import JsonLinesJournal
     from recbole_ilora.quick_start import protocol_test_data
 
     test_data = protocol_test_data(config, "full")  # one row per test user
@@ -91,42 +95,60 @@ def evaluate_generation(config, model, output_file=None, show_progress=False):
     if output_file is None:
         name = f"{config['model']}-generations-{get_local_time()}.jsonl"
         output_file = claim_checkpoint_file(os.path.join(config["checkpoint_dir"], name))  # never another run's
-    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     dataset = test_data._dataset
     model.eval()
     verdicts = []
     batches = tqdm(test_data, desc=set_color("Generating", "pink"), ncols=100) if show_progress else test_data
-    with open(output_file, "w", encoding="utf-8") as file:
+    with JsonLinesJournal(output_file, fresh=not resume) as journal:
+        written = len(journal.records)
+        if written:
+            getLogger().info(f"Resuming the answers: {written} users' answers are in {output_file}")
         for interaction, _, _, targets in batches:
             interaction = interaction.to(model.device)
             users, targets = interaction[model.USER_ID], targets.to(model.device)
-            candidates = model.candidate_sampler.sample(users, targets).to(model.device)  # [B, C]
+            candidates = model.candidate_sampler.sample(users, targets).to(model.device)  # [B, C]: drawn every batch
+            user_tokens = [str(token) for token in dataset.id2token(dataset.uid_field, users.cpu())]
+            earlier = journal.records[len(verdicts) : len(verdicts) + len(users)]
+            if len(earlier) == len(users):  # this batch was answered before the evaluation was killed
+                for record, user, row in zip(earlier, user_tokens, candidates.tolist(), strict=True):
+                    if record["user_id"] != user or record["candidate_ids"] != row:
+                        raise ValueError(
+                            f"{output_file} line {record['prompt_id'] + 1} answers user {record['user_id']} on other "
+                            f"candidates than this evaluation asks (user {user}): it belongs to another run; move it "
+                            "away to generate the answers anew."
+                        )
+                    verdicts.append((record["valid"], record["correct"]))
+                continue
+            journal.keep(len(verdicts))  # a batch torn by the kill is answered again, whole
             outputs = []
             for start in range(0, len(users), model.eval_batch_size):
                 rows = slice(start, start + model.eval_batch_size)
                 outputs += model.generate_answers(
                     interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], candidates[rows]
                 )
-            user_tokens = dataset.id2token(dataset.uid_field, users.cpu())
+            records = []
             for row, output in enumerate(outputs):
                 ids = candidates[row].tolist()
                 titles = [model.item_titles[item] for item in ids]
                 target_index = ids.index(int(targets[row]))
                 valid, correct, named = verdict(output, titles, target_index)
                 verdicts.append((valid, correct))
-                record = {
-                    "prompt_id": len(verdicts) - 1,
-                    "user_id": str(user_tokens[row]),
-                    "candidate_ids": ids,
-                    "candidates": titles,
-                    "target": titles[target_index],
-                    "target_id": ids[target_index],
-                    "output": output,
-                    "named": [titles[index] for index in named],
-                    "valid": valid,
-                    "correct": correct,
-                }
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(
+                    {
+                        "prompt_id": len(verdicts) - 1,
+                        "user_id": user_tokens[row],
+                        "candidate_ids": ids,
+                        "candidates": titles,
+                        "target": titles[target_index],
+                        "target_id": ids[target_index],
+                        "output": output,
+                        "named": [titles[index] for index in named],
+                        "valid": valid,
+                        "correct": correct,
+                    }
+                )
+            journal.append(records)
+        journal.keep(len(verdicts))  # nothing beyond the test users
     result = {**summarize_verdicts(verdicts), "generations_file": output_file}
 
     getLogger().info(set_color("generative test", "yellow") + f": {result}")
@@ -143,7 +165,14 @@ def main():
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint saved by run_recbole_ilora.py with objective: generative")
     parser.add_argument("--output", help="the JSON lines of every user's candidates, answer and verdict")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answers --output holds (a killed run of this command on this checkpoint); generate the rest",
+    )
     args = parser.parse_args()
+    if args.resume and not args.output:
+        parser.error("--resume needs --output: the file whose answers are kept")
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
     from recbole_ilora.quick_start import load_data_and_model
 
@@ -151,7 +180,7 @@ def main():
     if not getattr(model, "generative", False):
         raise ValueError(f"{args.checkpoint} was not trained with objective: generative")
     model.show_progress = True
-    result = evaluate_generation(config, model, output_file=args.output, show_progress=True)
+    result = evaluate_generation(config, model, output_file=args.output, show_progress=True, resume=args.resume)
     print(json.dumps(result, indent=1))
 
 

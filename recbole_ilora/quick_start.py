@@ -42,6 +42,7 @@ from recbole_ilora.trainer import (
     first_process_value,
     model_file_of,
     release_unused_file,
+    test_journal_file,
     training_state_file,
 )
 from recbole_ilora.utils import get_model, get_trainer
@@ -354,9 +355,17 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         if epochs_run is None:
             epochs_run = max(trainer.train_loss_dict) + 1 if trainer.train_loss_dict else trainer.start_epoch
         started = time.perf_counter()
-        # Every test mode scores the same test histories with the same weights: an LLM model encodes each once.
-        reuse = model.reusing_encodings() if isinstance(model, LLMSequentialRecommender) else contextlib.nullcontext()
-        with reuse:
+        # A generative run's tests take about an hour on a CPU, so they are journaled next to the checkpoint that
+        # names their weights: a killed run, resumed from its finished training, goes on where they were. A run that
+        # trained in this process starts them afresh.
+        journaled = saved and config["single_spec"] and getattr(model, "generative", False)
+        fresh = bool(trainer.train_loss_dict)
+        with contextlib.ExitStack() as tests:
+            if isinstance(model, LLMSequentialRecommender):  # every test mode scores the same test histories with
+                tests.enter_context(model.reusing_encodings())  # the same weights: each is encoded once
+            if journaled:
+                scores_file = test_journal_file(trainer.saved_model_file, "test_scores")
+                tests.enter_context(model.journaling_scores(scores_file, fresh=fresh))
             own_mode = recbole_test_mode(config)
             if own_mode is not None:  # RecBole's test is one of the test modes: run it once, on the seeded loader
                 test_data = protocol_test_data(config, own_mode)
@@ -368,7 +377,10 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         if getattr(model, "generative", False):
             from recbole_ilora.generative import evaluate_generation
 
-            generative_result = evaluate_generation(config, model, show_progress=show_progress)
+            answers_file = test_journal_file(trainer.saved_model_file, "generations") if journaled else None
+            generative_result = evaluate_generation(
+                config, model, output_file=answers_file, show_progress=show_progress, resume=journaled and not fresh
+            )
         timings["testing"] = time.perf_counter() - started
     logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
     if verbose:

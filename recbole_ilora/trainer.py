@@ -39,6 +39,12 @@ def training_state_file(model_file):
     return root + TRAINING_STATE_SUFFIX + (extension or ".pth")
 
 
+def test_journal_file(model_file, name):
+    """A journal of the tests of a model checkpoint's weights (``recbole_ilora.journal``):
+    ``x.pth`` -> ``x.<name>.jsonl``."""
+    return os.path.splitext(str(model_file))[0] + f".{name}.jsonl"
+
+
 def model_file_of(path):
     """The model checkpoint named by ``path``, which may be the model checkpoint or its training state."""
     root, extension = os.path.splitext(str(path))

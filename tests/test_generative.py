@@ -1,7 +1,9 @@
 """The paper's generative protocol: title matching, candidate lists, prompts with candidates, the answer-only loss,
-likelihood scoring with a reused prompt cache, greedy generation with per-user gates, and a tiny end-to-end run."""
+likelihood scoring with a reused prompt cache, greedy generation with per-user gates, a tiny end-to-end run, and
+tests that resume where a killed run left them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
 from recbole_ilora.generative import evaluate_generation, named_candidates, summarize_verdicts, verdict
+from recbole_ilora.journal import JsonLinesJournal
 from recbole_ilora.model import iLoRA
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.quick_start import load_data_and_model, objective_function
@@ -201,6 +204,14 @@ def test_generative_objective_needs_a_sampled_mode(llm_cache):
         objective_function(config_dict=config)
 
 
+def test_a_user_s_candidates_must_fit_in_one_predict_call(llm_cache):
+    # RecBole splits a batch larger than eval_batch_size rows: one user's 20 rows would go to two prompts listing 16
+    # and 4 candidates, scored without a word of warning.
+    config = {**TINY, **GENERATIVE, "model": "iLoRA", "eval_batch_size": 16, "llm_cache_dir": llm_cache}
+    with pytest.raises(ValueError, match="'eval_batch_size' = 16 .* 20 rows"):
+        objective_function(config_dict=config)
+
+
 @pytest.mark.parametrize("model_name", ["iLoRA", "UniformLoRA"])
 def test_generative_end_to_end(model_name, sasrec_checkpoint, llm_cache, monkeypatch):
     config = {**TINY, **GENERATIVE, "model": model_name, "epochs": 1, "test_modes": ["uni19"]}
@@ -294,3 +305,91 @@ def test_likelihood_scores_do_not_depend_on_candidates_per_forward(generative):
             scores[per_forward] = model._candidate_likelihood(seq, length, candidates)
     torch.testing.assert_close(scores[3], scores[7], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores[1], scores[7], rtol=1e-5, atol=1e-5)
+
+
+class Killed(Exception):
+    """Stands for the kill of a run's process at a chosen point of its tests."""
+
+
+def test_a_journal_drops_a_line_torn_by_a_kill_and_refuses_a_file_it_did_not_write(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    with JsonLinesJournal(path) as journal:
+        journal.append([{"a": 1}, {"a": 2}, {"a": 3}])
+    with open(path, "ab") as file:
+        file.write(b'{"a": 4, "b"')  # the kill came in the middle of a line
+    with JsonLinesJournal(path) as journal:
+        assert journal.records == [{"a": 1}, {"a": 2}, {"a": 3}]
+        journal.keep(2)
+        journal.append([{"a": 5}])
+    assert path.read_text().splitlines() == ['{"a": 1}', '{"a": 2}', '{"a": 5}']
+    with JsonLinesJournal(path, fresh=True) as journal:
+        assert journal.records == []
+    assert path.read_text() == ""
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="journal.jsonl line 1"):
+        JsonLinesJournal(path)
+
+
+def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasrec_checkpoint, llm_cache, monkeypatch):
+    # uni19 scores one user per RecBole batch (20 rows); the answers come in two batches of 20 users.
+    config = {**TINY, **GENERATIVE, "model": "iLoRA", "epochs": 1, "test_modes": ["uni19"], "eval_batch_size": 20}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, llm_eval_batch_size=8)
+    config.update(llm_train_sequences_per_user=2, eval_step=0)  # a short training, no validation: the tests matter
+    expected = objective_function(config_dict={**config, "checkpoint_dir": "saved-whole"})
+    expected_answers = Path(expected["generative_result"]["generations_file"]).read_text()
+
+    calls = {"scored": 0, "answered": 0}  # users scored in the tests, users answered
+    score, answer = LLMSequentialRecommender._candidate_likelihood, LLMSequentialRecommender.generate_answers
+
+    def scoring(self, item_seq, item_seq_len, candidates, kill_at=None):
+        if self._score_journal is not None:  # the tests (validation is never journaled)
+            if calls["scored"] == kill_at:
+                raise Killed
+            calls["scored"] += len(item_seq)
+        return score(self, item_seq, item_seq_len, candidates)
+
+    def answering(self, item_seq, item_seq_len, candidates, kill_at=None, **kwargs):
+        if calls["answered"] == kill_at:
+            raise Killed
+        calls["answered"] += len(item_seq)
+        return answer(self, item_seq, item_seq_len, candidates, **kwargs)
+
+    # Killed after the uni19 test has scored 25 of the 40 users.
+    monkeypatch.setattr(LLMSequentialRecommender, "_candidate_likelihood", lambda *a: scoring(*a, kill_at=25))
+    killed = {**config, "checkpoint_dir": "saved-killed"}
+    with pytest.raises(Killed):
+        objective_function(config_dict=killed)
+    (state_file,) = Path("saved-killed").glob("iLoRA-*.training_state.pth")
+    model_file = str(state_file).replace(".training_state", "")
+    assert len(Path(model_file.replace(".pth", ".test_scores.jsonl")).read_text().splitlines()) == 25
+    resumed = {**killed, "resume_checkpoint": model_file}
+
+    # Resumed, it scores the 15 others only, and is killed in the answers' second batch (after 20 + 8 users).
+    calls.update(scored=0, answered=0)
+    monkeypatch.setattr(LLMSequentialRecommender, "_candidate_likelihood", scoring)
+    monkeypatch.setattr(LLMSequentialRecommender, "generate_answers", lambda *a, **k: answering(*a, kill_at=28, **k))
+    with pytest.raises(Killed):
+        objective_function(config_dict=resumed)
+    assert calls == {"scored": 15, "answered": 28}
+    answers_file = Path(model_file.replace(".pth", ".generations.jsonl"))
+    assert len(answers_file.read_text().splitlines()) == 20  # the torn batch was never written
+    with open(answers_file, "ab") as file:
+        file.write(b'{"prompt_id": 20, "user')  # as if the kill had come in the middle of a line
+
+    # Resumed again: no user scored, the 20 users of the last batch answered, the figures of the whole run.
+    calls.update(scored=0, answered=0)
+    monkeypatch.setattr(LLMSequentialRecommender, "generate_answers", answering)
+    result = objective_function(config_dict=resumed)
+    assert calls == {"scored": 0, "answered": 20}
+    assert result["test_results"] == expected["test_results"]  # uni19, exactly
+    assert {key: value for key, value in result["generative_result"].items() if key != "generations_file"} == {
+        key: value for key, value in expected["generative_result"].items() if key != "generations_file"
+    }
+    assert answers_file.read_text() == expected_answers
+
+    # Answers of other candidates (another run's) are refused, naming the file.
+    lines = answers_file.read_text().splitlines()
+    lines[3] = json.dumps({**json.loads(lines[3]), "candidate_ids": list(range(1, 21))})
+    answers_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="generations.jsonl line 4 answers user"):
+        objective_function(config_dict=resumed)

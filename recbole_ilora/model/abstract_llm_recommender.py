@@ -135,6 +135,13 @@ class LLMSequentialRecommender(SequentialRecommender):
                     f"'eval_args' mode to uni<N> (got {config['eval_args']['mode']!r}); "
                     "--config_files=properties/generative.yaml does it."
                 )
+            rows = max(int(str(mode)[3:]) + 1 for mode in [*modes, *(config["test_modes"] or [])] if mode != "full")
+            if config["eval_batch_size"] < rows:  # RecBole would split one user's rows over two predict calls
+                raise ValueError(
+                    f"'eval_batch_size' = {config['eval_batch_size']} is smaller than one user's {rows} rows of a "
+                    "sampled mode: RecBole would split the user's candidates over two prompts. Raise it to at least "
+                    f"{rows}."
+                )
         if config["llm_load_in_4bit"]:
             require_bitsandbytes()
         if not config["llm_path"] and config["llm_backbone"] == EMBEDDED:
@@ -234,8 +241,14 @@ class LLMSequentialRecommender(SequentialRecommender):
 
     # ----- shared pieces for forward() -------------------------------------------------------------------------
     _encoding_cache = None  # a dict inside reusing_encodings()
+    _score_journal = None  # (journal, {prompt key: scores}) inside journaling_scores()
 
     def train(self, mode=True):
+        if mode and self._score_journal is not None:
+            raise RuntimeError(
+                f"{self._score_journal[0].path} journals the scores of fixed weights: training inside "
+                "journaling_scores() would change them."
+            )
         if mode and self._encoding_cache is not None:
             self._encoding_cache.clear()
         super().train(mode)
@@ -424,6 +437,37 @@ class LLMSequentialRecommender(SequentialRecommender):
         finally:
             self._encoding_cache = None
 
+    @contextlib.contextmanager
+    def journaling_scores(self, path, fresh=False):
+        """Within: the generative objective's likelihood scores are written to the JSON-lines journal ``path`` as
+        each chunk of prompts is scored, and a prompt the journal already holds is not scored again (the scores are
+        read back exactly). A killed test resumes where it was. The journal must belong to these weights (the
+        runner names it after the model checkpoint); ``fresh`` empties it first."""
+        from recbole_ilora.journal import JsonLinesJournal
+
+        with JsonLinesJournal(path, fresh=fresh) as journal:
+            self._score_journal = (journal, {record["prompt"]: record["scores"] for record in journal.records})
+            try:
+                yield self
+            finally:
+                self._score_journal = None
+
+    def _journaled_likelihood(self, histories, candidates):
+        """:meth:`_candidate_likelihood` of one chunk (``histories`` ``[U, L + 1]`` with their lengths last,
+        ``candidates`` ``[U, C]``), read from the journal when it holds every prompt of the chunk; a chunk is
+        scored and written whole, so that its scores do not depend on where an earlier process was killed."""
+        if self._score_journal is None:
+            return self._candidate_likelihood(histories[:, :-1], histories[:, -1], candidates)
+        journal, known = self._score_journal
+        keys = [",".join(map(str, row)) for row in torch.cat([histories, candidates], dim=1).tolist()]
+        if all(key in known for key in keys):
+            return torch.tensor([known[key] for key in keys], dtype=torch.float32, device=candidates.device)
+        scores = self._candidate_likelihood(histories[:, :-1], histories[:, -1], candidates)
+        records = [{"prompt": key, "scores": row} for key, row in zip(keys, scores.tolist(), strict=True)]
+        journal.append(records)
+        known.update((record["prompt"], record["scores"]) for record in records)
+        return scores
+
     def predict(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         # Sampled protocols repeat each history once per candidate row: encode every distinct prompt once. A
@@ -451,10 +495,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         candidates = items[order].view(histories.shape[0], -1)  # [U, C]
         chunks = list(zip(histories.split(self.eval_batch_size), candidates.split(self.eval_batch_size), strict=True))
         scores = torch.cat(
-            [
-                self._candidate_likelihood(seq[:, :-1], seq[:, -1], cands)
-                for seq, cands in self._progress(chunks, "LLM scoring")
-            ]
+            [self._journaled_likelihood(seq, cands) for seq, cands in self._progress(chunks, "LLM scoring")]
         )  # [U, C]
         result = torch.empty_like(items, dtype=scores.dtype)
         result[order] = scores.flatten()
