@@ -1,9 +1,12 @@
 """Laser: the M-Former's masking and routing, its balance loss, a frozen LLM, the item table's life cycle, and
 checkpoints that hold only what it trains."""
 
+import json
+import sys
+
 import pytest
 import torch
-from conftest import TINY
+from conftest import REPO_ROOT, TINY
 
 from recbole_ilora.config import Config
 from recbole_ilora.model.laser import Laser, MFormer
@@ -130,3 +133,16 @@ def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_
     reloaded = load_data_and_model(result["saved_model_file"])[1]
     with torch.no_grad():
         assert torch.allclose(reloaded.full_sort_predict(interaction), scores, atol=1e-5)  # the same scores
+
+    # benchmarks/laser_loss.py, the diagnosis of the benchmark's Laser rows: against the table the run trained
+    # with, the trained weights fit the training sequences better than the same configuration untrained.
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import laser_loss
+
+    command = ["laser_loss.py", result["saved_model_file"], "--sequences", "32", "--output", "loss.json"]
+    monkeypatch.setattr(sys, "argv", command)
+    laser_loss.main()
+    with open("loss.json", encoding="utf-8") as file:
+        figures = json.load(file)
+    assert figures["sequences"] == 32
+    assert figures["trained_cross_entropy"] < figures["untrained_cross_entropy"] - 0.05
