@@ -4,8 +4,9 @@ table it trained with (the checkpoint's), next to a uniform guess's ln(n_items);
     python benchmarks/laser_loss.py benchmarks/work/saved/Laser-<time>.pth [--sequences 64] [--output F.json]
 
 The sequences are the first ``--sequences`` of the run's budgeted training loader (each user's most recent training
-sequence, in RecBole's seeded order). The untrained model is the same configuration built afresh (seeded): its
-M-Former and suffix as initialised, the trained checkpoint's table. Costs about 2 LLM forwards per sequence.
+sequence, in RecBole's seeded order). The untrained model is the same configuration built afresh, torch seeded with
+the run's seed: a fresh initialisation of the M-Former and suffix (not the run's own initial weights, which no file
+keeps), scored against the trained checkpoint's table. Costs about 2 LLM forwards per sequence.
 """
 
 import argparse
