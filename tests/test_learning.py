@@ -90,8 +90,13 @@ def test_untrained_ilora_does_not_find_the_next_item(cycle_data):
 
 
 def test_laser_lowers_its_loss_and_its_scores_agree_with_recbole(cycle_data):
-    result = objective_function(config_dict=settings(cycle_data, "Laser", epochs=6, mformer_num_queries=4))
+    # Laser's M-Former is a transformer trained from scratch: at the fixture's learning rate of 0.01 its loss only
+    # wanders around ln(30) per batch (seeds 2020-2022: last/first 0.97, 0.97, 0.90, and once above the first), at
+    # 0.001 it falls every epoch (last/first 0.79, 0.76, 0.70).
+    result = objective_function(
+        config_dict=settings(cycle_data, "Laser", epochs=6, mformer_num_queries=4, learning_rate=0.001)
+    )
     losses = result["train_losses"]
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     assert hit_at_1_from_scores(model, test_data) == pytest.approx(result["test_result"]["hit@1"], abs=5e-5)
