@@ -12,7 +12,9 @@ generations file as ``<run>.popularity.json`` and printed:
 - ``answer_rank_mean`` and ``answers_most_trained``: where the model's answers (those naming exactly one candidate)
   stand among their lists, against 10.5 and 0.05 for a pick at random;
 - ``target_rank_mean``: where the targets stand (uniform negatives are mostly unpopular, so targets rank high);
-- ``answers_by_position``: how many answers name the candidate at each place of the prompt's list.
+- ``answers_by_position``: how many answers name the candidate at each place of the prompt's list, next to
+  ``targets_by_position`` (where the targets stand: a bias of the answers shows against it) and
+  ``right_answers_by_position`` (the right answers, by their place).
 
 The candidate ids are the run's internal item ids; the script checks, user by user, that the target of each line is
 that user's test item in the dataset's own split, so a file from another dataset or split is refused.
@@ -59,6 +61,7 @@ def popularity_statistics(lines, counts, test_items):
     picked = 0.0
     answer_ranks, target_ranks = [], []
     positions = collections.Counter()  # where in its list each answer stands (a bias to the first or last?)
+    target_places, right_places = collections.Counter(), collections.Counter()
     for line in lines:
         if test_items.get(str(line["user_id"])) != line["target_id"]:
             raise ValueError(
@@ -72,11 +75,14 @@ def popularity_statistics(lines, counts, test_items):
         if trained[target] == most:
             picked += 1 / sum(count == most for count in trained)
         target_ranks.append(rank[target])
+        target_places[target] += 1
         named = line.get("named") or []
         if len(named) == 1 and named[0] in line["candidates"]:
             place = line["candidates"].index(named[0])
             answer_ranks.append(rank[place])
             positions[place] += 1
+            if line["candidate_ids"][place] == line["target_id"]:
+                right_places[place] += 1
     size = len(lines[0]["candidate_ids"]) if lines else None
     return {
         "users": len(lines),
@@ -87,6 +93,8 @@ def popularity_statistics(lines, counts, test_items):
         "answers_most_trained": sum(r <= 1.5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
         "answers_in_top_5": sum(r <= 5 for r in answer_ranks) / len(answer_ranks) if answer_ranks else None,
         "answers_by_position": [positions[i] for i in range(size or 0)],
+        "targets_by_position": [target_places[i] for i in range(size or 0)],
+        "right_answers_by_position": [right_places[i] for i in range(size or 0)],
         "random_pick": {
             "answer_rank_mean": (size + 1) / 2 if size else None,
             "answers_most_trained": 1 / size if size else None,

@@ -417,6 +417,10 @@ def test_answer_popularity_ranks_answers_and_targets_among_their_candidates_by_t
     assert stats["answers_naming_one_candidate"] == 1 and stats["answer_rank_mean"] == 4.0
     assert stats["answers_most_trained"] == 0.0 and stats["random_pick"]["answer_rank_mean"] == 2.5
     assert stats["answers_by_position"] == [1, 0, 0, 0]  # a's answer, first in its list
+    assert stats["targets_by_position"] == [1, 1, 0, 0]  # b's target first, a's second
+    assert stats["right_answers_by_position"] == [0, 0, 0, 0]  # a answered wrong, b named two
+    lines[0]["named"] = ["A"]  # now a names its target, second in its list
+    assert ap.popularity_statistics(lines, counts, {"a": 10, "b": 11})["right_answers_by_position"] == [0, 1, 0, 0]
     with pytest.raises(ValueError, match="user b: the file's target 11 is not the user's test item"):
         ap.popularity_statistics(lines, counts, {"a": 10, "b": 12})  # another split: refused
 
