@@ -81,7 +81,7 @@ def popularity_statistics(lines, counts, test_items):
             place = line["candidates"].index(named[0])
             answer_ranks.append(rank[place])
             positions[place] += 1
-            if line["candidate_ids"][place] == line["target_id"]:
+            if place == target:
                 right_places[place] += 1
     size = len(lines[0]["candidate_ids"]) if lines else None
     return {

@@ -1166,11 +1166,13 @@ def balance_lines(by_row):
     if not losses:
         return []
     text = "; ".join(f"seed {seed}: {loss:.4f}" for seed, loss in losses)
-    return [f"Laser keeps each user's top expert only (`mformer_top_k: 1`, its weight re-normalised), so its weights "
-            f"are one-hot by construction: its entropy 0 and top weight 1 say nothing of its router, whose spread "
-            f"is the share of users led by each expert. Laser's balance loss E * sum_e p_e f_e at the last training "
-            f"step, without its weight (1 when the experts are used evenly, E = 8 when one expert takes every history "
-            f"item): {text}.", ""]  # fmt: skip
+    one_hot = ""
+    if shipped(PROPERTIES / "model" / "Laser.yaml")["mformer_top_k"] == 1:  # the grid runs the shipped defaults
+        one_hot = ("Laser keeps each user's top expert only (`mformer_top_k: 1`, its weight re-normalised), so its "
+                   "weights are one-hot by construction: its entropy 0 and top weight 1 say nothing of its router, "
+                   "whose spread is the share of users led by each expert. ")  # fmt: skip
+    return [f"{one_hot}Laser's balance loss E * sum_e p_e f_e at the last training step, without its weight (1 when "
+            f"the experts are used evenly, E = 8 when one expert takes every history item): {text}.", ""]  # fmt: skip
 
 
 def top_weight(path):

@@ -396,6 +396,7 @@ def test_the_report_gives_lasers_balance_loss_per_seed_from_its_records(monkeypa
              {"seed": 2022, "model_summary": {"balance_loss": 7.9}}]  # fmt: skip
     (line, _) = grid.balance_lines({"Laser": laser, "iLoRA": [{"seed": 2020}]})
     assert line.endswith("seed 2021: 1.2500; seed 2022: 7.9000.")  # seed order; a run without the figure left out
+    assert "one-hot by construction" in line  # the shipped mformer_top_k: 1 makes the gate table's entropy 0
     assert grid.balance_lines({"iLoRA": [{"seed": 2020}]}) == []  # no Laser row, no line
 
 
