@@ -75,7 +75,8 @@ def evaluate_generation(config, model, output_file=None, show_progress=False, re
     never-interacted items, sampled after re-seeding with ``seed``: the same lists for every model).
 
     Writes one JSON line per user (prompt id, user, candidate ids and titles, target, output, named candidates,
-    verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``), a batch at a time.
+    verdict) to ``output_file`` (default ``<checkpoint_dir>/<model>-generations-<time>.jsonl``), a generation batch
+    (``llm_eval_batch_size`` users) at a time.
     With ``resume``, the answers ``output_file`` already holds for the same users and candidates (written by a killed
     evaluation of the same weights: the runner names the file after the model checkpoint) are kept and not generated
     again; otherwise the file is written anew.
@@ -98,57 +99,66 @@ def evaluate_generation(config, model, output_file=None, show_progress=False, re
     dataset = test_data._dataset
     model.eval()
     verdicts = []
-    batches = tqdm(test_data, desc=set_color("Generating", "pink"), ncols=100) if show_progress else test_data
+    progress = tqdm(  # counted in users, a generation batch at a time: its remaining time means something
+        total=test_data.sample_size,
+        desc=set_color("Generating", "pink"),
+        unit="user",
+        ncols=100,
+        disable=not show_progress,
+    )
     with JsonLinesJournal(output_file, fresh=not resume) as journal:
         written = len(journal.records)
         if written:
             getLogger().info(f"Resuming the answers: {written} users' answers are in {output_file}")
-        for interaction, _, _, targets in batches:
+        for interaction, _, _, targets in test_data:
             interaction = interaction.to(model.device)
             users, targets = interaction[model.USER_ID], targets.to(model.device)
             candidates = model.candidate_sampler.sample(users, targets).to(model.device)  # [B, C]: drawn every batch
             user_tokens = [str(token) for token in dataset.id2token(dataset.uid_field, users.cpu())]
-            earlier = journal.records[len(verdicts) : len(verdicts) + len(users)]
-            if len(earlier) == len(users):  # this batch was answered before the evaluation was killed
-                for record, user, row in zip(earlier, user_tokens, candidates.tolist(), strict=True):
-                    if record["user_id"] != user or record["candidate_ids"] != row:
-                        raise ValueError(
-                            f"{output_file} line {record['prompt_id'] + 1} answers user {record['user_id']} on other "
-                            f"candidates than this evaluation asks (user {user}): it belongs to another run; move it "
-                            "away to generate the answers anew."
-                        )
-                    verdicts.append((record["valid"], record["correct"]))
-                continue
-            journal.keep(len(verdicts))  # a batch torn by the kill is answered again, whole
-            outputs = []
-            for start in range(0, len(users), model.eval_batch_size):
+            for start in range(0, len(users), model.eval_batch_size):  # journaled a generation batch at a time
                 rows = slice(start, start + model.eval_batch_size)
-                outputs += model.generate_answers(
-                    interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], candidates[rows]
+                chunk_users, chunk_candidates = user_tokens[rows], candidates[rows]
+                earlier = journal.records[len(verdicts) : len(verdicts) + len(chunk_users)]
+                if len(earlier) == len(chunk_users):  # answered before the evaluation was killed
+                    for record, user, row in zip(earlier, chunk_users, chunk_candidates.tolist(), strict=True):
+                        if record["user_id"] != user or record["candidate_ids"] != row:
+                            raise ValueError(
+                                f"{output_file} line {record['prompt_id'] + 1} answers user {record['user_id']} on "
+                                f"other candidates than this evaluation asks (user {user}): it belongs to another "
+                                "run; move it away to generate the answers anew."
+                            )
+                        verdicts.append((record["valid"], record["correct"]))
+                    progress.update(len(chunk_users))
+                    continue
+                journal.keep(len(verdicts))  # a generation batch torn by the kill is answered again, whole
+                outputs = model.generate_answers(
+                    interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], chunk_candidates
                 )
-            records = []
-            for row, output in enumerate(outputs):
-                ids = candidates[row].tolist()
-                titles = [model.item_titles[item] for item in ids]
-                target_index = ids.index(int(targets[row]))
-                valid, correct, named = verdict(output, titles, target_index)
-                verdicts.append((valid, correct))
-                records.append(
-                    {
-                        "prompt_id": len(verdicts) - 1,
-                        "user_id": user_tokens[row],
-                        "candidate_ids": ids,
-                        "candidates": titles,
-                        "target": titles[target_index],
-                        "target_id": ids[target_index],
-                        "output": output,
-                        "named": [titles[index] for index in named],
-                        "valid": valid,
-                        "correct": correct,
-                    }
-                )
-            journal.append(records)
+                records = []
+                for row, output in enumerate(outputs):
+                    ids = chunk_candidates[row].tolist()
+                    titles = [model.item_titles[item] for item in ids]
+                    target_index = ids.index(int(targets[start + row]))
+                    valid, correct, named = verdict(output, titles, target_index)
+                    verdicts.append((valid, correct))
+                    records.append(
+                        {
+                            "prompt_id": len(verdicts) - 1,
+                            "user_id": chunk_users[row],
+                            "candidate_ids": ids,
+                            "candidates": titles,
+                            "target": titles[target_index],
+                            "target_id": ids[target_index],
+                            "output": output,
+                            "named": [titles[index] for index in named],
+                            "valid": valid,
+                            "correct": correct,
+                        }
+                    )
+                journal.append(records)
+                progress.update(len(chunk_users))
         journal.keep(len(verdicts))  # nothing beyond the test users
+    progress.close()
     result = {**summarize_verdicts(verdicts), "generations_file": output_file}
 
     getLogger().info(set_color("generative test", "yellow") + f": {result}")

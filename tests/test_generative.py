@@ -331,7 +331,8 @@ def test_a_journal_drops_a_line_torn_by_a_kill_and_refuses_a_file_it_did_not_wri
 
 
 def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasrec_checkpoint, llm_cache, monkeypatch):
-    # uni19 scores one user per RecBole batch (20 rows); the answers come in two batches of 20 users.
+    # uni19 scores one user per RecBole batch (20 rows); the answers come in two RecBole batches of 20 users, each
+    # generated and journaled 8 users at a time (llm_eval_batch_size).
     config = {**TINY, **GENERATIVE, "model": "iLoRA", "epochs": 1, "test_modes": ["uni19"], "eval_batch_size": 20}
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, llm_eval_batch_size=8)
     config.update(llm_train_sequences_per_user=2, eval_step=0)  # a short training, no validation: the tests matter
@@ -364,7 +365,7 @@ def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasre
     assert len(Path(model_file.replace(".pth", ".test_scores.jsonl")).read_text().splitlines()) == 25
     resumed = {**killed, "resume_checkpoint": model_file}
 
-    # Resumed, it scores the 15 others only, and is killed in the answers' second batch (after 20 + 8 users).
+    # Resumed, it scores the 15 others only, and is killed in the answers' second RecBole batch, after 20 + 8 users.
     calls.update(scored=0, answered=0)
     monkeypatch.setattr(LLMSequentialRecommender, "_candidate_likelihood", scoring)
     monkeypatch.setattr(LLMSequentialRecommender, "generate_answers", lambda *a, **k: answering(*a, kill_at=28, **k))
@@ -372,15 +373,15 @@ def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasre
         objective_function(config_dict=resumed)
     assert calls == {"scored": 15, "answered": 28}
     answers_file = Path(model_file.replace(".pth", ".generations.jsonl"))
-    assert len(answers_file.read_text().splitlines()) == 20  # the torn batch was never written
+    assert len(answers_file.read_text().splitlines()) == 28  # every generation batch answered before the kill is kept
     with open(answers_file, "ab") as file:
-        file.write(b'{"prompt_id": 20, "user')  # as if the kill had come in the middle of a line
+        file.write(b'{"prompt_id": 28, "user')  # as if the kill had come in the middle of a line
 
-    # Resumed again: no user scored, the 20 users of the last batch answered, the figures of the whole run.
+    # Resumed again: no user scored, only the 12 users not yet answered, the figures of the whole run.
     calls.update(scored=0, answered=0)
     monkeypatch.setattr(LLMSequentialRecommender, "generate_answers", answering)
     result = objective_function(config_dict=resumed)
-    assert calls == {"scored": 0, "answered": 20}
+    assert calls == {"scored": 0, "answered": 12}
     assert result["test_results"] == expected["test_results"]  # uni19, exactly
     assert {key: value for key, value in result["generative_result"].items() if key != "generations_file"} == {
         key: value for key, value in expected["generative_result"].items() if key != "generations_file"
