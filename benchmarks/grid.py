@@ -1333,16 +1333,17 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "Epochs: those trained (the best checkpoint is tested); `stopped` says whether early stopping ended the run "
         "before the cap.",
         "",
-        "| run | backbone | finished | epochs (cap) | stopped | wall min | CPU min | commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | backbone | finished | epochs (cap) | stopped | wall min | CPU min | commit | machine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
         cpu_minutes = f"{record['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in record else "–"
         epochs = f"{record['epochs_run']} ({record['epochs_cap']})" if "epochs_run" in record else "–"
         stopped = {True: "yes", False: "no"}.get(record.get("stopped_early"), "–")
+        machine = record.get("hardware", "not recorded").split(",")[0]  # times compare on one machine only
         out.append(
             f"| {record['run_id']} | {record.get('backbone') or '–'} | {record['finished']} | {epochs} | {stopped} | "
-            f"{record['wall_seconds'] / 60:.1f} | {cpu_minutes} | {record['commit']} |"
+            f"{record['wall_seconds'] / 60:.1f} | {cpu_minutes} | {record['commit']} | {machine} |"
         )
     retrained = encoder_notes(planned, [*done, *stale], output)
     if retrained:

@@ -138,6 +138,8 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     assert f"{records['iLoRA']['test']['full']['ndcg@10']:.4f}" in ilora_lines[0]
     assert "| UniformLoRA | 0 |" in markdown and "Incomplete grid: 3 of 7 runs finished" in markdown
     assert "**" in markdown and "40 users, 1,461 items" in markdown
+    run_line = next(line for line in markdown.splitlines() if line.startswith(f"| {records['iLoRA']['run_id']} |"))
+    assert run_line.endswith(f"| {records['iLoRA']['hardware'].split(',')[0]} |")  # each run's times name its machine
     for chart in ("lastfm-tiny.png", "lastfm-tiny.gates.png"):
         assert (tmp_path / "results" / chart).read_bytes().startswith(PNG_MAGIC)
 
