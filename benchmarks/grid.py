@@ -535,7 +535,14 @@ def earlier_attempt(work, run_id, continual=False):
     # A worker that died of an error is not resumed: the error may have been in what it trained.
     state = states[-1] if states and "Traceback (most recent call last)" not in text else None
     moved = logs / f"{run_id}.attempt-{len(attempts) + 1}.log"
-    wall = log_path.stat().st_mtime - started
+    # The attempt lasted until its last write: its log's, or, killed in its tests (which log nothing until they end),
+    # the last line of the scores and answers it journaled next to its checkpoint, which the next attempt keeps.
+    last_write = log_path.stat().st_mtime
+    if state:
+        model_file = Path(work) / state.replace(".training_state.pth", ".pth")
+        for journal in (model_file.with_suffix(".test_scores.jsonl"), model_file.with_suffix(".generations.jsonl")):
+            last_write = max(last_write, journal.stat().st_mtime) if journal.exists() else last_write
+    wall = last_write - started
     log_path.rename(moved)
     attempts.append(
         {

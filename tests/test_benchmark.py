@@ -662,7 +662,13 @@ def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_pat
         "INFO  \x1b[34mTraining state\x1b[0m: saved/iLoRA-x.training_state.pth (resume with --resume_checkpoint=<it>)\n"
         "Train     0:  24%|##4       | 14/59\n"  # killed here
     )
+    started = (logs / "r.spec.json").stat().st_mtime
+    os.utime(logs / "r.log", (started + 60, started + 60))  # the log's last line, then tests that log nothing
+    (saved / "iLoRA-x.test_scores.jsonl").write_text('{"prompt_id": 0}\n')
+    os.utime(saved / "iLoRA-x.test_scores.jsonl", (started + 600, started + 600))  # journaled until the kill
     first = grid.earlier_attempt(tmp_path, "r")
+    assert first["earlier_attempts"][0]["wall_seconds"] == pytest.approx(600)  # not 60: the journal ran on
+    (saved / "iLoRA-x.test_scores.jsonl").unlink()
     assert first["resume_checkpoint"] == str(saved / "iLoRA-x.training_state.pth")
     assert [a["log"] for a in first["earlier_attempts"]] == ["r.attempt-1.log"]
     assert not (logs / "r.log").exists() and (logs / "r.attempt-1.log").exists()  # the killed attempt's log is kept
