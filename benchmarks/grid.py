@@ -908,11 +908,12 @@ def render_lapse(dataset, planned, by_row, quick, done):
             verdict = claims.verdict_words(d, None, b["mean"] > a["mean"])
             out.append(f"| {caseq} vs {backbone} ({mode}, {LAPSE_METRICS[0]}) | {claims.fmt_summary(a)} | "
                        f"{claims.fmt_summary(b)} | {verdict} |")  # fmt: skip
-    out += ["", "## Runs", "", "| run | finished | epochs (cap) | wall min | commit |", "|---|---|---|---|---|"]
+    out += ["", "## Runs", "", "| run | finished | epochs (cap) | wall min | commit | machine |", "|---" * 6 + "|"]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
         epochs = f"{record.get('epochs_run')} ({record.get('epochs_cap')})"
         minutes = f"{record['wall_seconds'] / 60:.1f}"
-        out.append(f"| {record['run_id']} | {record['finished']} | {epochs} | {minutes} | {record['commit']} |")
+        out.append(f"| {record['run_id']} | {record['finished']} | {epochs} | {minutes} | {record['commit']} | "
+                   f"{machine_of(record)} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -1017,13 +1018,19 @@ def render_continual(dataset, planned, by_row, quick, done):
     if l2:
         out += ["", "The L2 row's weight, chosen on block 1's validation (valid NDCG@10 of each weight): "
                 + "; ".join(f"seed {r['seed']}: {r['l2_weight']} ({r['l2_selection']})" for r in l2) + "."]  # fmt: skip
-    out += ["", "## Runs", "", "| run | what it is | finished | blocks | wall min | commit |", "|---" * 6 + "|"]
+    header = "| run | what it is | finished | blocks | wall min | commit | machine |"
+    out += ["", "## Runs", "", header, "|---" * 7 + "|"]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
         minutes = f"{record['wall_seconds'] / 60:.1f}"
         blocks_run = f"{len(record['blocks'])} of {record['blocks_total']}"
         out.append(f"| {record['run_id']} | {ROWS[record['row']][3]} | {record['finished']} | {blocks_run} | "
-                   f"{minutes} | {record['commit']} |")  # fmt: skip
+                   f"{minutes} | {record['commit']} | {machine_of(record)} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def machine_of(record):
+    """The CPU a run's times were measured on ('2 x AMD EPYC'): they compare on one machine only."""
+    return record.get("hardware", "not recorded").split(",")[0]
 
 
 def recorded_runs(planned, output):
@@ -1347,10 +1354,9 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         cpu_minutes = f"{record['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in record else "–"
         epochs = f"{record['epochs_run']} ({record['epochs_cap']})" if "epochs_run" in record else "–"
         stopped = {True: "yes", False: "no"}.get(record.get("stopped_early"), "–")
-        machine = record.get("hardware", "not recorded").split(",")[0]  # times compare on one machine only
         out.append(
             f"| {record['run_id']} | {record.get('backbone') or '–'} | {record['finished']} | {epochs} | {stopped} | "
-            f"{record['wall_seconds'] / 60:.1f} | {cpu_minutes} | {record['commit']} | {machine} |"
+            f"{record['wall_seconds'] / 60:.1f} | {cpu_minutes} | {record['commit']} | {machine_of(record)} |"
         )
     retrained = encoder_notes(planned, [*done, *stale], output)
     if retrained:

@@ -571,6 +571,8 @@ def test_lapse_grid_records_both_tests_and_reports_the_drop(tmp_path):
     line = next(line for line in markdown.splitlines() if line.startswith("| SASRec | 1 |"))
     assert f"{before:.4f} | {after:.4f} | {(before - after) / before:.4f}" in line
     assert "| CaseQ | 0 |" in markdown  # the quick lapse grid's other row, pending
+    run_line = next(line for line in markdown.splitlines() if line.startswith(f"| {record['run_id']} |"))
+    assert run_line.endswith(f"| {record['hardware'].split(',')[0]} |")  # its times name its machine
     assert "![both tests per model](lastfm-tiny.png)" in markdown
     assert (tmp_path / "lapse" / "lastfm-tiny.png").read_bytes().startswith(b"\x89PNG")  # the chart it shows
 
@@ -591,6 +593,8 @@ def test_continual_grid_records_every_block_and_reports_them(tmp_path):
     assert mean == pytest.approx((figures[1] + figures[2]) / 2)
     assert " | ".join(f"{v:.4f}" for v in figures) + f" | **{mean:.4f}** |" in line
     assert "| UniformLoRA-finetune | 0 |" in markdown  # the quick grid's other row, pending
+    run_line = next(line for line in markdown.splitlines() if line.startswith(f"| {record['run_id']} |"))
+    assert run_line.endswith(f"| {record['hardware'].split(',')[0]} |")  # its times name its machine
     assert (tmp_path / "continual" / "lastfm-tiny.png").read_bytes().startswith(b"\x89PNG")
 
 
