@@ -1028,9 +1028,9 @@ def render_continual(dataset, planned, by_row, quick, done):
     return "\n".join(out) + "\n"
 
 
-def machine_of(record):
+def machine_of(record, missing="not recorded"):
     """The CPU a run's times were measured on ('2 x AMD EPYC'): they compare on one machine only."""
-    return record.get("hardware", "not recorded").split(",")[0]
+    return record.get("hardware", missing).split(",")[0]
 
 
 def recorded_runs(planned, output):
@@ -1452,7 +1452,7 @@ def encoder_notes(planned, done, output):
     lines = []
 
     def figures(record):
-        machine = record.get("hardware", "machine not recorded").split(",")[0]
+        machine = machine_of(record, missing="machine not recorded")
         return f"{record['test']['full']['ndcg@10']:.4f}, {record['test']['uni19']['hit@1']:.4f} ({machine})"
 
     for run in planned:
