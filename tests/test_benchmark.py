@@ -402,6 +402,36 @@ def test_the_report_gives_lasers_balance_loss_per_seed_from_its_records(monkeypa
     assert grid.balance_lines({"iLoRA": [{"seed": 2020}]}) == []  # no Laser row, no line
 
 
+def test_the_readme_gets_each_table_apart_and_the_claims_without_their_why(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    results = "\n".join([
+        "# ml-100k", "", "## Full ranking (test)", "", "| model | ndcg@10 |", "|---|---|", "| SASRec | 0.06 |", "",
+        "## The paper's protocol: a generated title (test)", "", "Text.", "", "| model | hr@1 |", "|---|---|",
+        "| iLoRA | 0.07 |", "", "What the models answered:", "", "| model | answers |", "|---|---|", "| iLoRA | 451 |",
+        "", "## The paper's claims", "", "| claim | verdict | why |", "|---|---|---|",
+        "| 1 | not distinguishable | a \\| b, long |", "", "## Runs", "", "| run | commit |", "|---|---|", "| r | c |",
+    ])  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:ml-100k -->\nstale\n<!-- /results:ml-100k -->\nafter\n"
+                      "<!-- results:lastfm -->\n<!-- /results:lastfm -->\nend\n", encoding="utf-8")  # fmt: skip
+    grid.update_readme("ml-100k", results, 3, 4, readme=readme)
+    grid.update_readme("lastfm", results.replace("ml-100k", "lastfm"), 1, 2, readme=readme)
+    grid.update_readme("ml-1m", results, 1, 2, readme=readme)  # no markers of its own: nothing changes
+    text = readme.read_text(encoding="utf-8")
+    ours, lastfm = text.split("<!-- results:ml-100k -->")[1], text.split("<!-- results:lastfm -->")[1]
+    assert text.startswith("intro\n") and "\nafter\n" in text and text.endswith("end\n") and "stale" not in text
+    # Two tables of one section stay two tables (a blank line between), not one table with a second header inside.
+    assert "| iLoRA | 0.07 |\n\n| model | answers |" in ours
+    # The claims without the 'why' column (an escaped pipe inside it is no column break), linked to instead.
+    assert "| claim | verdict |\n|---|---|\n| 1 | not distinguishable |\n" in ours and "long" not in ours
+    assert "(results/ml-100k.md#the-papers-claims)" in ours
+    assert "| run | commit |" not in ours  # only the sections the README shows
+    assert "| SASRec | 0.06 |" not in lastfm.split("<!-- /results:lastfm -->")[0]  # LastFM: its claims only
+    assert "(results/lastfm.md#the-papers-claims)" in lastfm and "1 of 2 runs finished" in lastfm
+
+
 def test_answer_popularity_ranks_answers_and_targets_among_their_candidates_by_training_counts(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import answer_popularity as ap
