@@ -70,6 +70,43 @@ def summarize_verdicts(verdicts):
     }
 
 
+def replayed_verdicts(records, users, candidate_ids, output_file):
+    """The ``(valid, correct)`` of journaled answer ``records``, after checking that they answer these ``users`` on
+    these ``candidate_ids`` (one list per user): a journal of another run is refused, not merged."""
+    for record, user, ids in zip(records, users, candidate_ids, strict=True):
+        if record["user_id"] != user or record["candidate_ids"] != ids:
+            raise ValueError(
+                f"{output_file} line {record['prompt_id'] + 1} answers user {record['user_id']} on other candidates "
+                f"than this evaluation asks (user {user}): it belongs to another run; move it away to generate the "
+                "answers anew."
+            )
+    return [(record["valid"], record["correct"]) for record in records]
+
+
+def answer_records(outputs, users, candidate_ids, targets, item_titles, first_prompt_id):
+    """One journal record per generated answer: the prompt's candidates, the target, the answer and its verdict."""
+    records = []
+    for offset, (output, user, ids, target) in enumerate(zip(outputs, users, candidate_ids, targets, strict=True)):
+        titles = [item_titles[item] for item in ids]
+        target_index = ids.index(int(target))
+        valid, correct, named = verdict(output, titles, target_index)
+        records.append(
+            {
+                "prompt_id": first_prompt_id + offset,
+                "user_id": user,
+                "candidate_ids": ids,
+                "candidates": titles,
+                "target": titles[target_index],
+                "target_id": ids[target_index],
+                "output": output,
+                "named": [titles[index] for index in named],
+                "valid": valid,
+                "correct": correct,
+            }
+        )
+    return records
+
+
 def evaluate_generation(config, model, output_file=None, show_progress=False, resume=False):
     """Greedy answers for every test user to a prompt listing its history and candidates (the target and
     never-interacted items, sampled after re-seeding with ``seed``: the same lists for every model).
@@ -120,42 +157,18 @@ def evaluate_generation(config, model, output_file=None, show_progress=False, re
                 chunk_users, chunk_candidates = user_tokens[rows], candidates[rows]
                 earlier = journal.records[len(verdicts) : len(verdicts) + len(chunk_users)]
                 if len(earlier) == len(chunk_users):  # answered before the evaluation was killed
-                    for record, user, row in zip(earlier, chunk_users, chunk_candidates.tolist(), strict=True):
-                        if record["user_id"] != user or record["candidate_ids"] != row:
-                            raise ValueError(
-                                f"{output_file} line {record['prompt_id'] + 1} answers user {record['user_id']} on "
-                                f"other candidates than this evaluation asks (user {user}): it belongs to another "
-                                "run; move it away to generate the answers anew."
-                            )
-                        verdicts.append((record["valid"], record["correct"]))
-                    progress.update(len(chunk_users))
-                    continue
-                journal.keep(len(verdicts))  # a generation batch torn by the kill is answered again, whole
-                outputs = model.generate_answers(
-                    interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], chunk_candidates
-                )
-                records = []
-                for row, output in enumerate(outputs):
-                    ids = chunk_candidates[row].tolist()
-                    titles = [model.item_titles[item] for item in ids]
-                    target_index = ids.index(int(targets[start + row]))
-                    valid, correct, named = verdict(output, titles, target_index)
-                    verdicts.append((valid, correct))
-                    records.append(
-                        {
-                            "prompt_id": len(verdicts) - 1,
-                            "user_id": chunk_users[row],
-                            "candidate_ids": ids,
-                            "candidates": titles,
-                            "target": titles[target_index],
-                            "target_id": ids[target_index],
-                            "output": output,
-                            "named": [titles[index] for index in named],
-                            "valid": valid,
-                            "correct": correct,
-                        }
+                    verdicts.extend(replayed_verdicts(earlier, chunk_users, chunk_candidates.tolist(), output_file))
+                else:
+                    journal.keep(len(verdicts))  # a generation batch torn by the kill is answered again, whole
+                    outputs = model.generate_answers(
+                        interaction[model.ITEM_SEQ][rows], interaction[model.ITEM_SEQ_LEN][rows], chunk_candidates
                     )
-                journal.append(records)
+                    records = answer_records(
+                        outputs, chunk_users, chunk_candidates.tolist(), targets[rows].tolist(), model.item_titles,
+                        first_prompt_id=len(verdicts),
+                    )  # fmt: skip
+                    verdicts.extend((record["valid"], record["correct"]) for record in records)
+                    journal.append(records)
                 progress.update(len(chunk_users))
         journal.keep(len(verdicts))  # nothing beyond the test users
     progress.close()
