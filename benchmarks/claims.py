@@ -298,9 +298,10 @@ def claims_section(dataset, pretrained_by_row, backbone, budget):
 
 
 # ----------------------------------------------------------------------------------------------------- targets
-def encoder_on_candidates(generations_path, checkpoint, cache_path):
+def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=None):
     """The SASRec encoder ranking exactly the candidates of a generative run's prompts: {users, hit@1, per_user}
-    (``per_user``: user -> whether the target scored highest). Cached in ``cache_path``."""
+    (``per_user``: user -> whether the target scored highest). Cached in ``cache_path``. ``data_path``: where the
+    dataset is in this checkout (the checkpoint names where it was when it trained, another checkout's)."""
     cache_path = Path(cache_path)
     if cache_path.exists():
         return json.loads(cache_path.read_text())
@@ -308,7 +309,7 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path):
 
     from recbole_ilora.quick_start import load_data_and_model
 
-    _, model, dataset, _, _, test_data = load_data_and_model(checkpoint)
+    _, model, dataset, _, _, test_data = load_data_and_model(checkpoint, data_path=data_path)
     histories = {}
     for interaction, *_ in test_data:
         for row, user in enumerate(interaction[dataset.uid_field].tolist()):

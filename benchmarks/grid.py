@@ -1444,7 +1444,8 @@ def claims_lines(dataset, planned, by_row, output):
         checkpoint = encoder_checkpoint(encoder_path) if encoder_path.exists() else None
         if checkpoint and generations.exists():
             cache = Path(record["_path"]).with_suffix(".encoder-on-candidates.json")
-            encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache)
+            data_path = str(REPO / DATASETS[dataset]) if DATASETS.get(dataset) else None
+            encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache, data_path)
     backbone = next((run["backbone"] for run in planned if run.get("backbone")), DEFAULT_BACKBONE)
     lines = claims.claims_section(dataset, by_row, backbone, training_budget())
     lines += ["", *claims.targets_section(dataset, by_row, encoder_results)]

@@ -499,8 +499,13 @@ _DERIVED_KEYS = {
 }
 
 
-def load_data_and_model(model_file):
+def load_data_and_model(model_file, data_path=None):
     """RecBole's ``load_data_and_model`` for checkpoints saved through this plugin (weights-only loading).
+
+    Args:
+        model_file: the checkpoint (``saved/<model>-<time>.pth``).
+        data_path: the folder holding the dataset's folder, for a checkpoint that moved from the checkout or machine
+            it was trained on (its config names that place's absolute path); None: the checkpoint's own.
 
     Returns:
         tuple: ``config, model, dataset, train_data, valid_data, test_data``, the model in eval mode.
@@ -513,7 +518,7 @@ def load_data_and_model(model_file):
     if restored.get("train_neg_sample_args", {}).get("distribution") == "none":  # RecBole's expansion of None
         restored["train_neg_sample_args"] = None
     # RecBole stores data_path joined with the dataset name; the plugin's Config honours it for every dataset.
-    restored["data_path"] = os.path.dirname(os.path.normpath(saved["data_path"]))
+    restored["data_path"] = data_path or os.path.dirname(os.path.normpath(saved["data_path"]))
     # Through a YAML file, not config_dict: RecBole eval()s config_dict strings (prompt templates, paths).
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as file:
         yaml.safe_dump(restored, file, allow_unicode=True)

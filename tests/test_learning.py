@@ -100,3 +100,22 @@ def test_laser_lowers_its_loss_and_its_scores_agree_with_recbole(cycle_data):
     assert losses[-1] < 0.9 * losses[0], losses
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     assert hit_at_1_from_scores(model, test_data) == pytest.approx(result["test_result"]["hit@1"], abs=5e-5)
+
+
+def test_a_checkpoint_whose_data_moved_loads_from_the_data_path_given(cycle_data, tmp_path):
+    """A checkpoint names the absolute data folder it trained on; on another checkout (the grid's reports read encoders
+    trained elsewhere) ``data_path`` points at this one's copy, and the model scores as it did."""
+    import shutil
+
+    result = objective_function(config_dict=settings(cycle_data, "SASRec", epochs=2))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(cycle_data, moved)
+    checkpoint = torch.load(result["saved_model_file"], weights_only=False)
+    checkpoint["config"]["data_path"] = str(tmp_path / "gone" / "cycle")  # the checkout it trained in, not here
+    moved_file = tmp_path / "moved.pth"
+    torch.save(checkpoint, moved_file)
+    with pytest.raises(ValueError, match="gone"):  # RecBole finds no dataset there
+        load_data_and_model(str(moved_file))
+    config, model, _, _, _, test_data = load_data_and_model(str(moved_file), data_path=str(moved))
+    assert config["data_path"] == str(moved / "cycle")
+    assert hit_at_1_from_scores(model, test_data) == pytest.approx(result["test_result"]["hit@1"], abs=5e-5)  # 4 places
