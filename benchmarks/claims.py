@@ -281,7 +281,8 @@ def claims_section(dataset, pretrained_by_row, backbone, budget):
         "",
         f"Ours on the random backbone: the embedded 2-layer LLaMA (`results/embedded-legacy/`, its ablations under the "
         f"scoring head). Ours on the pretrained backbone: `{backbone}`, {budget}; ablations under the paper's "
-        "protocol, seed 2020 only (the grid's budget: a generative run costs about 4 CPU-hours). Each comparison "
+        "protocol, seed 2020 only (the grid's budget of about 40 CPU-hours: the issue's rule cuts the ablations' seeds "
+        "first). Each comparison "
         "is against the best of the other rows; d: the difference in pooled standard deviations over seeds; "
         "where a row has one seed, the paper's-protocol rows are compared user by user (the "
         "same candidate lists): the difference of the share of users answered right (HR@1 (all)) ± its standard "
