@@ -1437,6 +1437,7 @@ def claims_lines(dataset, planned, by_row, output):
 
     by_row = claims.with_partial_runs(by_row, planned, Path(output) / "partial" / dataset)
     encoder_results = {}
+    here = data_path(dataset, quick=False)  # the encoders' checkpoints name the data folder of the checkout they ran in
     for record in by_row.get("iLoRA-generative", []):
         run = next(r for r in planned if r["run_id"] == record["run_id"])
         encoder_path = run_file(output, {"dataset": dataset, "run_id": run["encoder"]})
@@ -1444,8 +1445,7 @@ def claims_lines(dataset, planned, by_row, output):
         checkpoint = encoder_checkpoint(encoder_path) if encoder_path.exists() else None
         if checkpoint and generations.exists():
             cache = Path(record["_path"]).with_suffix(".encoder-on-candidates.json")
-            data_path = str(REPO / DATASETS[dataset]) if DATASETS.get(dataset) else None
-            encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache, data_path)
+            encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache, here)
     backbone = next((run["backbone"] for run in planned if run.get("backbone")), DEFAULT_BACKBONE)
     lines = claims.claims_section(dataset, by_row, backbone, training_budget())
     lines += ["", *claims.targets_section(dataset, by_row, encoder_results)]
