@@ -637,7 +637,8 @@ def continual_worker(spec, config, commit):
 
     progress = run_continual(config, saved=True)
     keep = ("block", "users", "users_left_out", "training_sequences", "trained_sequences", "learning_rate", "penalty",
-            "penalty_weight", "encoder", "epochs_run", "valid", "test", "timings", "wall_seconds")  # fmt: skip
+            "penalty_weight", "proximal", "encoder", "epochs_run", "valid", "test", "timings",
+            "wall_seconds")  # fmt: skip
     record = {
         **record_header(spec, config, commit),
         "backbone": config["llm_backbone"],
@@ -1018,6 +1019,7 @@ def render_continual(dataset, planned, by_row, quick, done):
     if l2:
         out += ["", "The L2 row's weight, chosen on block 1's validation (valid NDCG@10 of each weight): "
                 + "; ".join(f"seed {r['seed']}: {r['l2_weight']} ({r['l2_selection']})" for r in l2) + "."]  # fmt: skip
+    out += proximal_share_lines(by_row)
     header = "| run | what it is | finished | blocks | wall min | commit | machine |"
     out += ["", "## Runs", "", header, "|---" * 7 + "|"]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
@@ -1026,6 +1028,34 @@ def render_continual(dataset, planned, by_row, quick, done):
         out.append(f"| {record['run_id']} | {ROWS[record['row']][3]} | {record['finished']} | {blocks_run} | "
                    f"{minutes} | {record['commit']} | {machine_of(record)} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def proximal_share_lines(by_row):
+    """How much the proximal term weighed in training: per penalised row and seed, the weighted term and the ratio of
+    its gradient's norm to the task loss's over the adapter, mean over blocks 1 .. T - 1 (each block's value is its
+    mean over batches; runs from before the plugin recorded them say so)."""
+    rows = []
+    for row, records in by_row.items():
+        for record in sorted(records, key=lambda r: r["seed"]):
+            later = [b for b in record["blocks"] if b["block"] > 0 and b.get("penalty") not in (None, "none")]
+            if not later:
+                continue
+            shares = [b.get("proximal") for b in later]
+            if any(share is None for share in shares):
+                rows.append(f"| {row} | {record['seed']} | {later[0]['penalty_weight']} | not recorded | – | – | – |")
+                continue
+            keys = ("term", "penalty_grad_norm", "task_grad_norm", "grad_norm_ratio")
+            means = [statistics.fmean(share[key] for share in shares) for key in keys]
+            rows.append(f"| {row} | {record['seed']} | {later[0]['penalty_weight']} | "
+                        + " | ".join(f"{value:.3g}" for value in means) + " |")  # fmt: skip
+    if not rows:
+        return []
+    return ["", "## The proximal term's weight in training", "",
+            "Mean over blocks 1 .. T - 1 of each block's mean over its training batches: the weighted term "
+            "(weight x penalty; the task loss is a cross-entropy of order log(#items)), the L2 norms over the "
+            "adapter's matrices of its gradient and of the task loss's gradient, and their ratio.", "",
+            "| row | seed | weight | weighted term | its gradient norm | task gradient norm | ratio |",
+            "|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def machine_of(record, missing="not recorded"):

@@ -191,6 +191,7 @@ def run_continual(config, saved=True):
             "epochs_run": result["epochs_run"],
             **(result["block_statistics"] or {}),  # users, users_left_out, training_sequences (before the budget)
             "trained_sequences": result["trained_sequences"],  # after the LLM's budget
+            "proximal": (result["model_summary"] or {}).get("proximal"),  # the term's value and gradient share
             "timings": result["timings"],
             "wall_seconds": (datetime.datetime.now() - started).total_seconds(),
         }  # fmt: skip

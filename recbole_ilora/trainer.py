@@ -300,3 +300,5 @@ class _ResumableBatches:
                 trainer.save_training_state(self._epoch, batch=index, loader_state=self._loader_state)
                 set_random_states(random_after_fetch)
             yield batch
+            if hasattr(trainer.model, "record_proximal_step"):  # the batch's backward and step have run
+                trainer.model.record_proximal_step()

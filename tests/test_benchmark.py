@@ -657,6 +657,32 @@ def test_the_continual_claim_compares_the_mean_over_later_blocks_over_seeds(monk
     assert "not distinguishable at this budget (d = +0.5" in claim_line([0.21, 0.25, 0.23], [0.20, 0.24, 0.22])
 
 
+def test_the_continual_report_shows_the_proximal_terms_weight_or_that_a_run_did_not_record_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def share(term, ratio):
+        return {"batches": 3, "term": term, "penalty_grad_norm": ratio * 2.0, "task_grad_norm": 2.0,
+                "grad_norm_ratio": ratio, "last_term": term}  # fmt: skip
+
+    def record(seed, shares):
+        blocks = [{"block": 0, "penalty": "none", "penalty_weight": None, "proximal": None}]
+        blocks += [{"block": b + 1, "penalty": "softmax_kl", "penalty_weight": 2.0, "proximal": s}
+                   for b, s in enumerate(shares)]  # fmt: skip
+        return {"seed": seed, "blocks": blocks}
+
+    lines = grid.proximal_share_lines({
+        "UniformLoRA-peso": [record(2021, [share(1e-6, 1e-4), share(3e-6, 3e-4)]), record(2020, [None, None])],
+        "UniformLoRA-finetune": [{"seed": 2020, "blocks": [{"block": 1, "penalty": "none", "proximal": None}]}],
+    })  # fmt: skip
+    rows = [line for line in lines if line.startswith("| UniformLoRA")]
+    assert rows == [
+        "| UniformLoRA-peso | 2020 | 2.0 | not recorded | – | – | – |",  # its seeds in order
+        "| UniformLoRA-peso | 2021 | 2.0 | 2e-06 | 0.0004 | 2 | 0.0002 |",
+    ]  # means over blocks 1..2
+    assert grid.proximal_share_lines({"UniformLoRA-finetune": [record(2020, [])]}) == []  # no penalised row
+
+
 def test_a_killed_continual_grid_run_resumes_from_its_progress_file_not_a_blocks_training_state(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid

@@ -146,6 +146,35 @@ def test_the_penalty_joins_the_loss_and_weight_zero_is_plain_fine_tuning(ilora):
     assert gate and all(torch.equal(losses["weighted"][1][n], losses["plain"][1][n]) for n in gate)  # not anchored
 
 
+def test_each_batch_records_the_terms_value_and_its_share_of_the_adapters_gradient(ilora):
+    plain, batch = ilora()
+    weighted, _ = ilora(continual_penalty="softmax_kl", continual_penalty_weight=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    weighted.anchor_adapter()
+    with torch.no_grad():
+        for m in (plain, weighted):
+            torch.manual_seed(1)
+            for a, b in m.llm.adapter_pairs().values():
+                a.add_(0.05 * torch.randn_like(a))
+                b.add_(0.05 * torch.randn_like(b))
+    grads = {}
+    for name, m in (("plain", plain), ("weighted", weighted)):
+        m.train()
+        torch.manual_seed(2)
+        m.calculate_loss(batch).backward()
+        m.record_proximal_step()
+        grads[name] = [g.grad.clone() for pair in m.llm.adapter_pairs().values() for g in pair]
+    assert plain.training_summary() == {}  # no term: nothing recorded
+    summary = weighted.training_summary()["proximal"]
+    assert summary["batches"] == 1
+    assert summary["term"] == pytest.approx(2.0 * float(weighted.anchor.softmax_kl(weighted.llm.adapter_pairs())))
+    norm = lambda tensors: float(sum(t.double().pow(2).sum() for t in tensors)) ** 0.5  # noqa: E731
+    assert summary["task_grad_norm"] == pytest.approx(norm(grads["plain"]), rel=1e-4)  # the loss without the term
+    difference = [w - p for w, p in zip(grads["weighted"], grads["plain"], strict=True)]  # the term's own gradient
+    assert summary["penalty_grad_norm"] == pytest.approx(norm(difference), rel=1e-3) and summary["term"] > 0
+    assert summary["grad_norm_ratio"] == pytest.approx(summary["penalty_grad_norm"] / summary["task_grad_norm"])
+
+
 def test_a_bad_penalty_is_refused_naming_the_key(ilora):
     with pytest.raises(ValueError, match="'continual_penalty'"):
         ilora(continual_penalty="ewc")
@@ -190,6 +219,9 @@ def test_each_block_starts_from_the_previous_blocks_weights_with_its_own_encoder
     blocks = progress["blocks"]
     assert [b["block"] for b in blocks] == [0, 1, 2] and set(progress["mean_over_later_blocks"]) == {"full"}
     assert [b["penalty"] for b in blocks] == ["none", "softmax_kl", "softmax_kl"]
+    assert blocks[0]["proximal"] is None  # every batch of the later blocks records the term's share
+    assert [b["proximal"]["batches"] for b in blocks[1:]] == [
+        -(-b["trained_sequences"] // continual_settings["train_batch_size"]) for b in blocks[1:]]  # fmt: skip
     assert [b["learning_rate"] for b in blocks] == pytest.approx([0.005, 0.0005, 0.0005])
     assert len({b["encoder"] for b in blocks}) == 3  # one encoder per block
     for block in (1, 2):  # the first state loaded in each later block is the previous block's best weights

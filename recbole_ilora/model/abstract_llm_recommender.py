@@ -312,7 +312,57 @@ class LLMSequentialRecommender(SequentialRecommender):
     def proximal_term(self):
         if self.anchor is None or self.penalty_kind == "none" or not self.penalty_weight:
             return 0.0
-        return self.penalty_weight * self.anchor.penalty(self.penalty_kind, self.llm.adapter_pairs())
+        pairs = self.llm.adapter_pairs()
+        term = self.penalty_weight * self.anchor.penalty(self.penalty_kind, pairs)
+        if self.training and torch.is_grad_enabled():  # its own gradient, for record_proximal_step (cheap: no LLM)
+            matrices = [matrix for pair in pairs.values() for matrix in pair]
+            gradient = torch.autograd.grad(term, matrices, retain_graph=True)
+            self._proximal_step = (float(term), matrices, gradient)
+        return term
+
+    _proximal_step = None  # (weighted term, adapter matrices, the term's gradient) of the batch being trained
+    _proximal_sums = None
+
+    def record_proximal_step(self):
+        """After a batch's backward (the trainer calls it): add that batch's weighted proximal term, the norm of its
+        gradient over the adapter and the norm of the task loss's gradient (the whole gradient minus the term's) to
+        the running sums of :meth:`proximal_summary`. Gradients are read from ``.grad``, so under
+        ``clip_grad_norm`` they are the clipped ones."""
+        if self._proximal_step is None:
+            return
+        term, matrices, gradient = self._proximal_step
+        self._proximal_step = None
+        if any(matrix.grad is None for matrix in matrices):
+            return
+        penalty_sq = sum(float(g.double().pow(2).sum()) for g in gradient)
+        task = [m.grad.double() - g.double() for m, g in zip(matrices, gradient, strict=True)]  # whole minus term
+        task_sq = sum(float(t.pow(2).sum()) for t in task)
+        sums = self._proximal_sums or {"batches": 0, "term": 0.0, "penalty_grad_norm": 0.0, "task_grad_norm": 0.0}
+        sums["batches"] += 1
+        sums["term"] += term
+        sums["penalty_grad_norm"] += penalty_sq**0.5
+        sums["task_grad_norm"] += task_sq**0.5
+        sums["last_term"] = term
+        self._proximal_sums = sums
+
+    def proximal_summary(self):
+        """The proximal term's share of training, mean over the batches trained with it (None without one):
+        ``term`` (weight times penalty, next to a task loss of order log(#items)), ``penalty_grad_norm`` and
+        ``task_grad_norm`` (L2 norms over the adapter's matrices) and their ratio; the batches this process trained
+        (a run resumed within a block counts those after the resume)."""
+        sums = self._proximal_sums
+        if not sums:
+            return None
+        n = sums["batches"]
+        summary = {key: sums[key] / n for key in ("term", "penalty_grad_norm", "task_grad_norm")}
+        summary["grad_norm_ratio"] = summary["penalty_grad_norm"] / summary["task_grad_norm"] if summary[
+            "task_grad_norm"] else None  # fmt: skip
+        return {"batches": n, **summary, "last_term": sums["last_term"]}
+
+    def training_summary(self):
+        """What the runner records after training (a continual block: the proximal term's share)."""
+        proximal = self.proximal_summary()
+        return {"proximal": proximal} if proximal else {}
 
     # ----- the generative objective ---------------------------------------------------------------------------
     def adapter_inputs(self, item_seq, item_seq_len, prompt):
