@@ -548,6 +548,11 @@ def test_claims_compare_one_seed_user_by_user_and_several_seeds_in_stds(tmp_path
              for row, hr in (("iLoRA-generative", 0.30), ("UniformLoRA-generative", 0.29))}  # fmt: skip
     close = claims.compare_rows(seeds, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")
     assert "d = +1.0" in close["figure"] and close["verdict"].startswith("not distinguishable")  # 0.01 / std 0.01
+    # every seed's answers paired user by user, pooled over seeds (shown beside d; d decides over seeds)
+    assert f"paired over 3 seeds x 100 users: +0.2000 ± {se / math.sqrt(3):.4f}" in close["figure"]
+    seeds["UniformLoRA-generative"][1]["_path"] = str(tmp_path / "elsewhere.json")  # seed 2021 kept no answers
+    assert "paired over 2 seeds x 100 users" in claims.compare_rows(
+        seeds, "iLoRA-generative", ["UniformLoRA-generative"], claims.hr1_all, "HR@1 (all)")["figure"]  # fmt: skip
     parameters = {"iLoRA": [{"trainable_parameters": 1005}], "UniformLoRA": [{"trainable_parameters": 1000}]}
     assert claims.parameter_claim(parameters)["verdict"] == "reproduced"
 
