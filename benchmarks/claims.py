@@ -368,14 +368,16 @@ def targets_section(dataset, by_row, encoder_results):
         mine = summary(records, hr1_all)
         hits = [{"hit": encoder_results[r["seed"]]["hit@1"]} for r in records if r["seed"] in encoder_results]
         sasrec = summary(hits, lambda r: r["hit"])
-        first = records[0]
-        pairs = None
-        if first["seed"] in encoder_results and "_path" in first:
-            users = per_user_correct(first, first["_path"])
-            pairs = paired(users, encoder_results[first["seed"]]["per_user"]) if users else None
+        per_seed = []  # each seed's run against its own encoder on the very same lists, pooled over seeds
+        for record in records:
+            if record["seed"] in encoder_results and "_path" in record:
+                users = per_user_correct(record, record["_path"])
+                if users:
+                    per_seed.append(paired(users, encoder_results[record["seed"]]["per_user"]))
+        pairs = pooled_pairs([p for p in per_seed if p])
         figure = f"iLoRA-generative HR@1 (all) {fmt_summary(mine)} vs its SASRec encoder {fmt_summary(sasrec)}"
         if pairs:
-            figure += f"; paired over {pairs['users']} users: {pairs['diff']:+.4f} ± {pairs['se']:.4f}"
+            figure += f"; paired over {pairs['over']}: {pairs['diff']:+.4f} ± {pairs['se']:.4f}"
         lines.append(
             f"| HR@1 (all) ≥ SASRec's Hit@1 on the same 20 candidates | {row_label(by_row, 'iLoRA-generative')} | "
             f"{figure} | "

@@ -557,6 +557,34 @@ def test_claims_compare_one_seed_user_by_user_and_several_seeds_in_stds(tmp_path
     assert claims.parameter_claim(parameters)["verdict"] == "reproduced"
 
 
+def test_the_encoder_target_pairs_every_seed_with_its_own_encoder(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    users = [str(u) for u in range(100)]
+    records, encoders, diffs = [], {}, []
+    for k, seed in enumerate((2020, 2021)):
+        mine = {u: int(u) < 10 + 10 * k for u in users}  # 10 then 20 users right
+        encoder = {u: int(u) < 40 for u in users}  # its encoder: 40 right in both seeds
+        _generations(tmp_path / f"run{seed}.generations.jsonl.gz", mine)
+        hr = 0.1 + 0.1 * k
+        generative = {"valid_ratio": 1.0, "hr@1_valid": hr, "hr@1_all": hr}
+        records.append(
+            {
+                "row": "iLoRA-generative",
+                "seed": seed,
+                "_path": str(tmp_path / f"run{seed}.json"),
+                "generative": generative,
+            }
+        )
+        encoders[seed] = {"hit@1": 0.4, "per_user": encoder}
+        diffs.append(claims.paired(mine, encoder))
+    (line,) = [t for t in claims.targets_section("ml-100k", {"iLoRA-generative": records}, encoders) if "SASRec" in t]
+    se = math.sqrt(diffs[0]["se"] ** 2 + diffs[1]["se"] ** 2) / 2
+    assert diffs[0]["diff"] == -0.3 and diffs[1]["diff"] == -0.2  # the seeds differ: pooling can be told from one
+    assert f"paired over 2 seeds x 100 users: -0.2500 ± {se:.4f}" in line and line.endswith("| no |")
+
+
 def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them(sasrec_checkpoint, tmp_path):
     monkeypatch_path = str(REPO_ROOT / "benchmarks")
     sys.path.insert(0, monkeypatch_path)
