@@ -34,6 +34,7 @@ from recbole.utils import get_local_time, init_seed, set_color
 
 from recbole_ilora._compat import atomic_torch_save, safe_load
 from recbole_ilora.quick_start import pretrain_sasrec, train_and_evaluate
+from recbole_ilora.trainer import claim_checkpoint_file
 
 try:
     import fcntl
@@ -124,9 +125,11 @@ def run_continual(config, saved=True):
         config["resume_checkpoint"] = None
         logger.info(set_color("continual", "green") + f": resuming {progress_file} at block {len(progress['blocks'])}")
     else:
-        os.makedirs(config["checkpoint_dir"], exist_ok=True)
-        progress_file = os.path.join(
-            config["checkpoint_dir"], f"{config['model']}-continual-{get_local_time()}.continual.json"
+        # Named to the second like RecBole's checkpoints, and claimed exclusively: two runs started in the same
+        # second with one checkpoint_dir (a grid's two processes) would otherwise share the progress file and the
+        # per-block weights named after it, each block loading whichever run saved last.
+        progress_file = claim_checkpoint_file(
+            os.path.join(config["checkpoint_dir"], f"{config['model']}-continual-{get_local_time()}.continual.json")
         )
         progress = {
             "model": config["model"],
@@ -136,6 +139,7 @@ def run_continual(config, saved=True):
             "blocks_total": config["continual_blocks"],
             "blocks": [],
         }
+        _write_progress(progress_file, progress)  # replaces the claimed empty file: resumable from here on
     base_lr = config["learning_rate"]
     for block in range(len(progress["blocks"]), config["continual_blocks"]):
         started = datetime.datetime.now()

@@ -257,6 +257,28 @@ def test_a_killed_run_resumes_at_its_block_and_ends_as_an_uninterrupted_one(cont
         run_blocks(continual_settings, continual_strategy="l2", resume_checkpoint=progress_file)
 
 
+def test_runs_started_in_the_same_second_keep_their_own_progress_and_block_weights(continual_settings, monkeypatch):
+    import recbole_ilora.continual_runner as runner
+
+    # Another run of the same model started this second in the same checkpoint_dir (a grid's second process):
+    # its progress file and its block weights, named after that file, must stay its own.
+    monkeypatch.setattr(runner, "get_local_time", lambda: "Dec-06-2026_04-47-22")
+    saved = continual_settings["checkpoint_dir"]
+    __import__("os").makedirs(saved)
+    other = f"{saved}/iLoRA-continual-Dec-06-2026_04-47-22.continual.json"
+    other_weights = f"{saved}/iLoRA-continual-Dec-06-2026_04-47-22.block0.pth"
+    with open(other, "w") as file:
+        file.write('{"strategy": "softmax_kl", "blocks": []}')
+    torch.save({"marker": torch.ones(1)}, other_weights)
+    progress = run_blocks(continual_settings, continual_strategy="finetune")
+    assert progress["progress_file"] != other
+    assert open(other).read() == '{"strategy": "softmax_kl", "blocks": []}'
+    assert set(torch.load(other_weights, weights_only=True)) == {"marker"}  # not overwritten by this run's block 0
+    own_stem = progress["progress_file"][: -len(".continual.json")]
+    assert all(b["weights"].startswith(own_stem) for b in progress["blocks"])
+    assert len({b["weights"] for b in progress["blocks"]} | {other_weights}) == 4
+
+
 def test_the_l2_weight_is_chosen_on_block_1s_validation_and_kept(continual_settings):
     progress = run_blocks(continual_settings, continual_strategy="l2", continual_l2_weights=[0.1, 10.0])
     scores = progress["l2_selection"]
