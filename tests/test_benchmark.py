@@ -665,29 +665,35 @@ def test_the_continual_claim_compares_the_mean_over_later_blocks_over_seeds(monk
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import grid
 
-    def record(row, seed, later):  # block 0 is the same for both rows: only blocks 1..T-1 count
-        blocks = [{"block": b, "test": {"full": {"ndcg@10": 0.5 if b == 0 else later}, "uni19": {"hit@1": 0.2}},
+    def record(row, seed, later, hit=0.2):  # block 0 is the same for both rows: only blocks 1..T-1 count
+        blocks = [{"block": b, "test": {"full": {"ndcg@10": 0.5 if b == 0 else later}, "uni19": {"hit@1": hit}},
                    "users": 10, "training_sequences": 30, "trained_sequences": 10, "wall_seconds": 60.0}
                   for b in range(3)]  # fmt: skip
-        mean = {"full": {"ndcg@10": later}, "uni19": {"hit@1": 0.2}}
+        mean = {"full": {"ndcg@10": later}, "uni19": {"hit@1": hit}}
         return {"run_id": f"{row}-{seed}", "row": row, "seed": seed, "blocks": blocks, "blocks_total": 3,
                 "mean_over_later_blocks": mean, "commit": "c", "hardware": "h", "finished": "t",
                 "wall_seconds": 180.0, "epochs_cap": 1, "llm_train_sequences_per_user": 1}  # fmt: skip
 
     planned = [{"seed": seed, "backbone": "embedded"} for seed in (1, 2, 3)]
 
-    def claim_line(peso, finetune):
+    def claim_line(peso, finetune, metric="ndcg@10 (full)", peso_hits=(0.2,) * 3, finetune_hits=(0.2,) * 3):
+        rows = (("UniformLoRA-finetune", finetune, finetune_hits), ("UniformLoRA-peso", peso, peso_hits))
         by_row = {
-            row: [record(row, seed, v) for seed, v in zip((1, 2, 3), values, strict=True)]
-            for row, values in (("UniformLoRA-finetune", finetune), ("UniformLoRA-peso", peso))
+            row: [record(row, seed, v, h) for seed, v, h in zip((1, 2, 3), values, hits, strict=True)]
+            for row, values, hits in rows
         }
         done = [r for records in by_row.values() for r in records]
         markdown = grid.render_continual("d", planned, by_row, True, done)
-        return next(line for line in markdown.splitlines() if line.startswith("| UniformLoRA-peso vs"))
+        start = f"| UniformLoRA-peso vs UniformLoRA-finetune | {metric} |"
+        return next(line for line in markdown.splitlines() if line.startswith(start))
 
     assert claim_line([0.30, 0.31, 0.32], [0.20, 0.21, 0.22]).endswith("| reproduced |")
     assert "not reproduced (the other way round)" in claim_line([0.20, 0.21, 0.22], [0.30, 0.31, 0.32])
     assert "not distinguishable at this budget (d = +0.5" in claim_line([0.21, 0.25, 0.23], [0.20, 0.24, 0.22])
+    # the second metric has its own verdict, from its own figures: here the other way round to full NDCG@10's
+    low, high = (0.20, 0.21, 0.22), (0.30, 0.31, 0.32)
+    hit_line = claim_line(list(high), list(low), "hit@1 (uni19)", peso_hits=low, finetune_hits=high)
+    assert "not reproduced (the other way round)" in hit_line and "0.2100 ± 0.0100 (3 seeds)" in hit_line
 
 
 def test_the_continual_report_shows_the_proximal_terms_weight_or_that_a_run_did_not_record_it(monkeypatch):
