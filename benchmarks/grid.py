@@ -612,6 +612,9 @@ def worker(spec_path):
         "best_valid_score": result["best_valid_score"],
         "valid": dict(result["best_valid_result"] or {}),  # empty when validation was skipped (eval_step 0)
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},
+        "encoder_test": {mode: dict(metrics) for mode, metrics in (result["encoder_test_results"] or {}).items()},
+        "trained_sequences": result["trained_sequences"],
+        "trained_targets": result["trained_targets"],
         "generative": result["generative_result"],
         "lapse_drops": result["lapse_drops"],
         "model_summary": result["model_summary"],  # what the model reports of its training (Laser: balance loss)
@@ -710,10 +713,10 @@ def recover(spec_path, commit=None):
             raise ValueError(f"{log_path}: no line matches {pattern!r}; the run did not finish testing")
         return found[-1]
 
-    test = {
+    test, encoder_test = ({
         mode: dict(eval(metrics, namespace))
-        for mode, metrics in re.findall(r"test result \((\w+)\): (OrderedDict\(.*\))", text)
-    }
+        for mode, metrics in re.findall(prefix + r"test result \((\w+)\): (OrderedDict\(.*\))", text)
+    } for prefix in (r"(?<!encoder )", r"encoder "))  # fmt: skip
     generative = ast.literal_eval(last(r"generative test: (\{.*\})")) if "generative test:" in text else None
     saved_model_file = str((work / last(r"Saving current: (\S+\.pth)")).resolve())
     sys.argv = sys.argv[:1]
@@ -734,7 +737,7 @@ def recover(spec_path, commit=None):
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
         "epochs_cap": config["epochs"], "epochs_run": epochs_run, "stopped_early": epochs_run < config["epochs"],
         "timings": json.loads(last(r"timings \(s\): (\{.*\})")),
-        "best_valid_score": None, "valid": {}, "test": test, "generative": generative,
+        "best_valid_score": None, "valid": {}, "test": test, "encoder_test": encoder_test, "generative": generative,
         "lapse_drops": {}, "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
         "recovered_from_log": str(log_path.name),

@@ -53,7 +53,7 @@ def main():
         raise ValueError(f"{args.checkpoint} holds a {config['model']} model, not Laser.")
     config["show_progress"] = False
     batches, taken = [], 0
-    for batch in budget_training_data(config, train_data):
+    for batch in budget_training_data(config, train_data)[0]:
         batches.append(batch[: args.sequences - taken])
         taken += len(batches[-1])
         if taken >= args.sequences:

@@ -223,25 +223,43 @@ def prepare_model(config, train_data, show_progress=False, timings=None):
     return model
 
 
-def budget_training_data(config, train_data):
-    """The LLM's training loader under ``llm_train_sequences_per_user``: each user's that many most recent training
-    sequences (RecBole's augmented prefixes, in time order within a user); ``None`` keeps them all. SASRec's
-    pretraining is not affected (it builds its own loaders)."""
-    budget = config["llm_train_sequences_per_user"]
-    if budget is None:
-        return train_data
-    dataset = train_data._dataset
+def training_windows(config, dataset):
+    """Row indices of ``dataset`` (RecBole's augmented training sequences) that tile each user's training history
+    with non-overlapping windows of ``MAX_ITEM_LIST_LENGTH`` items: the user's most recent sequence, then the one whose
+    target is the first item of its history, and so on back. A model trained at every position of these rows sees
+    every training target once (each user's first item is never one: nothing precedes it). In time order."""
     users = dataset.inter_feat[dataset.uid_field].numpy()
-    # Rank of every row among its user's rows, counted from the user's last (most recent) row.
-    order = np.arange(len(users))
-    from_last = pd.Series(order).groupby(users).cumcount(ascending=False).to_numpy()
-    keep = torch.from_numpy(order[from_last < budget])
-    subset = dataset.copy(dataset.inter_feat[keep])
+    from_last = pd.Series(np.arange(len(users))).groupby(users).cumcount(ascending=False).to_numpy()
+    return np.flatnonzero(from_last % config["MAX_ITEM_LIST_LENGTH"] == 0)
+
+
+def budget_training_data(config, train_data, every_position=False):
+    """The LLM's training loader: each user's ``llm_train_sequences_per_user`` most recent training sequences
+    (RecBole's augmented prefixes, in time order within a user; ``None`` keeps them all). With ``every_position`` (a
+    model with a loss at every history position) the sequences are first cut to non-overlapping windows
+    (:func:`training_windows`), so that the budget counts windows and no target is trained twice in an epoch. SASRec's
+    pretraining is not affected (it builds its own loaders). Returns the loader and the number of targets per epoch."""
+    budget = config["llm_train_sequences_per_user"]
+    dataset = train_data._dataset
+    rows = training_windows(config, dataset) if every_position else np.arange(len(dataset.inter_feat))
+    users = dataset.inter_feat[dataset.uid_field].numpy()[rows]
+    if budget is not None:  # rank of every row among its user's rows, counted from the user's last (most recent)
+        from_last = pd.Series(np.arange(len(rows))).groupby(users).cumcount(ascending=False).to_numpy()
+        rows = rows[from_last < budget]
+    keep = torch.from_numpy(rows)
+    lengths = dataset.inter_feat[config["ITEM_LIST_LENGTH_FIELD"]][keep]
+    targets = int(lengths.sum()) if every_position else len(rows)
+    kind = "windows" if every_position else "sequences"
     getLogger().info(
-        set_color("LLM training budget", "green") + f": {len(keep)} of {len(users)} training sequences "
-        f"('llm_train_sequences_per_user' = {budget}: each user's most recent ones)"
+        set_color("LLM training budget", "green") + f": {len(rows)} {kind} of {len(dataset.inter_feat)} training "
+        f"sequences, {targets} targets per epoch ('llm_train_sequences_per_user' = {budget}: each user's most recent "
+        f"{kind}{'; a loss at every history position' if every_position else ''})"
     )
-    return get_dataloader(config, "train")(config, subset, train_data._sampler, shuffle=config["shuffle"])
+    if budget is None and not every_position:
+        return train_data, targets
+    subset = dataset.copy(dataset.inter_feat[keep])
+    loader = get_dataloader(config, "train")(config, subset, train_data._sampler, shuffle=config["shuffle"])
+    return loader, targets
 
 
 def protocol_test_data(config, mode, test_split="lapse"):
@@ -283,6 +301,31 @@ def evaluate_test_modes(config, trainer, show_progress=False, known=None):
             results[name] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
             getLogger().info(set_color(f"test result ({mode}, without lapse)", "yellow") + f": {results[name]}")
     return results
+
+
+def evaluate_encoder(config, model, test_data, test_results, show_progress=False):
+    """The frozen SASRec encoder of an LLM ``model``, tested on the same loaders as the model: RecBole's test
+    (``test_data``) and every mode of ``test_results`` (on each mode's protocol loader, seeded as for the model, so the
+    same sampled candidates). Returns ``(test_result, {mode: metrics})``, so that one run shows what the LLM added."""
+    from recbole.trainer import Trainer
+
+    trainer = Trainer(sasrec_pretraining_config(config), model.sasrec)
+    init_seed(config["seed"], config["reproducibility"])
+    test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
+    results = {}
+    for mode in test_results:
+        if mode.endswith("_no_lapse"):
+            loader = protocol_test_data(config, mode[: -len("_no_lapse")], "no_lapse")
+        else:
+            loader = protocol_test_data(config, mode)
+        init_seed(config["seed"], config["reproducibility"])
+        results[mode] = trainer.evaluate(loader, load_best_model=False, show_progress=show_progress)
+    model.sasrec.eval()
+    logger = getLogger()
+    logger.info(set_color("encoder test result", "yellow") + f" (its frozen SASRec, same split): {test_result}")
+    for mode, metrics in results.items():
+        logger.info(set_color(f"encoder test result ({mode})", "yellow") + f": {metrics}")
+    return test_result, results
 
 
 def recbole_test_mode(config):
@@ -337,8 +380,10 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         prepare(model)
     if hasattr(model, "attach_splits"):  # the whole splits: a user's candidates exclude all of the user's items
         model.attach_splits(train_data, valid_data, test_data)
+    trained_targets = None
     if isinstance(model, LLMSequentialRecommender):
-        train_data = budget_training_data(config, train_data)
+        every_position = not model.generative and model.loss_positions == "all"
+        train_data, trained_targets = budget_training_data(config, train_data, every_position)
     trained_sequences = len(train_data.dataset)
     if verbose:
         logger.info(model)
@@ -382,6 +427,11 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
                 config, model, output_file=answers_file, show_progress=show_progress, resume=journaled and not fresh
             )
         timings["testing"] = time.perf_counter() - started
+    encoder_result, encoder_results = None, None
+    if isinstance(model, LLMSequentialRecommender) and config["single_spec"]:  # (several processes: not yet)
+        started = time.perf_counter()
+        encoder_result, encoder_results = evaluate_encoder(config, model, test_data, test_results, show_progress)
+        timings["encoder_testing"] = time.perf_counter() - started
     logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
@@ -395,6 +445,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "test_results": test_results,
         "generative_result": generative_result,
         "lapse_drops": lapse_drops(test_results),  # {} unless 'lapse' is set
+        "encoder_test_result": encoder_result,  # an LLM model's frozen SASRec on the same test (None otherwise)
+        "encoder_test_results": encoder_results,  # ... and on every test mode
         "saved_model_file": trainer.saved_model_file if saved else None,
         "timings": timings,
         "model_summary": model.training_summary() if hasattr(model, "training_summary") else None,
@@ -403,6 +455,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "stopped_early": epochs_run < config["epochs"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trained_sequences": trained_sequences,  # the training loader's sequences per epoch, after the LLM budget
+        "trained_targets": trained_targets,  # an LLM model's training targets per epoch (every position: per window)
         "block_statistics": getattr(dataset, "block_stats", None),  # a continual run's block: users, sequences
     }
 

@@ -28,3 +28,8 @@ def require_str_list(config, key):
     value = config[key]
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(item, str) for item in value):
         raise ValueError(f"Make sure '{key}' is a non-empty list of module names, got {value!r}.")
+
+
+def require_choice(config, key, choices):
+    if config[key] not in choices:
+        raise ValueError(f"Make sure '{key}' in {list(choices)}, got {config[key]!r}.")

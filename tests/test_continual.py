@@ -147,8 +147,8 @@ def test_the_penalty_joins_the_loss_and_weight_zero_is_plain_fine_tuning(ilora):
 
 
 def test_each_batch_records_the_terms_value_and_its_share_of_the_adapters_gradient(ilora):
-    plain, batch = ilora()
-    weighted, _ = ilora(continual_penalty="softmax_kl", continual_penalty_weight=2.0)
+    plain, batch = ilora(score_head="plain")  # the residual head starts at zero: no task gradient reaches the adapter
+    weighted, _ = ilora(score_head="plain", continual_penalty="softmax_kl", continual_penalty_weight=2.0)
     weighted.load_state_dict(plain.state_dict())
     weighted.anchor_adapter()
     with torch.no_grad():

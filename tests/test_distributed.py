@@ -60,22 +60,34 @@ def test_recboles_ddp_wrapping_works_for_cpu_modules_and_syncs_only_trained_para
 
 
 def even_split_data(tmp_path):
-    """lastfm-tiny without its last interaction: 1952 training sequences, which 2 processes split evenly (an odd
-    count makes RecBole's DistributedSampler repeat one sequence, a small but real change of the gradient)."""
+    """lastfm-tiny without the last interaction of one or two users, chosen so that every count that 2 processes
+    split is even: the training sequences, the training windows an every-position model trains on, and the test users
+    (an odd count makes RecBole's DistributedSampler repeat one sequence, a small but real change of the gradient)."""
+    import itertools
+
+    from recbole_ilora.quick_start import training_windows
+
     data = tmp_path / "data" / "lastfm-tiny"
     shutil.copytree(DATA_DIR / "lastfm-tiny", data)
     inter = data / "lastfm-tiny.inter"
-    inter.write_text("".join(inter.read_text(encoding="utf-8").splitlines(keepends=True)[:-1]), encoding="utf-8")
-    config = tiny_config(data_path=str(tmp_path / "data"))
-    train_data, _, test_data = data_preparation(config, create_dataset(config))
-    assert len(train_data._dataset) % 2 == 0 and len(test_data._dataset) % 2 == 0
-    return str(tmp_path / "data")
+    lines = inter.read_text(encoding="utf-8").splitlines(keepends=True)
+    last_line = {line.split("\t")[0]: index for index, line in enumerate(lines[1:], start=1)}  # in time order
+    candidates = list(last_line.values())[-12:]
+    for dropped in itertools.chain(itertools.combinations(candidates, 1), itertools.combinations(candidates, 2)):
+        inter.write_text("".join(line for index, line in enumerate(lines) if index not in dropped), encoding="utf-8")
+        config = tiny_config(data_path=str(tmp_path / "data"))
+        train_data, _, test_data = data_preparation(config, create_dataset(config))
+        counts = (len(train_data._dataset), len(training_windows(config, train_data._dataset)), len(test_data._dataset))
+        if all(count % 2 == 0 for count in counts):
+            return str(tmp_path / "data")
+    raise AssertionError("no even split by dropping one or two users' last interactions")
 
 
 def test_two_gloo_processes_match_one_process(sasrec_checkpoint, llm_cache, tmp_path):
     model = "iLoRA"
     config = {**TINY, **FULL_BATCH, "model": model, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
     config["data_path"] = even_split_data(tmp_path)
+    config["score_head"] = "plain"  # the residual head starts at zero: lora_B would get its first gradient at step 2
     single = objective_function(config_dict={**config, "checkpoint_dir": "saved-single"})
     double = run(
         model=model,

@@ -319,8 +319,9 @@ def test_training_budget_keeps_each_users_most_recent_sequences():
     config = tiny_config(llm_train_sequences_per_user=2)
     train_data, *_ = data_preparation(config, create_dataset(config))
     full = train_data._dataset.inter_feat
-    budgeted = budget_training_data(config, train_data)
+    budgeted, targets = budget_training_data(config, train_data)
     kept = budgeted._dataset.inter_feat
+    assert targets == len(kept)  # the label of each sequence (a loss at every position: see test_every_position)
     users = full["user_id"].unique().tolist()
     counts = {user: int((full["user_id"] == user).sum()) for user in users}
     assert len(kept) == sum(min(2, count) for count in counts.values()) < len(full)
@@ -329,7 +330,7 @@ def test_training_budget_keeps_each_users_most_recent_sequences():
         targets = full["item_id"][full["user_id"] == user]  # a user's rows are in time order
         assert torch.equal(kept["item_id"][kept["user_id"] == user], targets[-2:])  # the (at most) two most recent
     config["llm_train_sequences_per_user"] = None
-    assert budget_training_data(config, train_data) is train_data  # None: the whole training set
+    assert budget_training_data(config, train_data)[0] is train_data  # None: the whole training set
 
 
 def test_test_modes_share_one_encoding_per_history(tiny_ilora):

@@ -75,6 +75,29 @@ def generative_template(config):
 CHAT_TEMPLATE_CHOICES = ("auto", True, False)
 
 
+def share_of_targets(local_targets):
+    """In a distributed run, this process's targets over the mean per process (1.0 alone): each process's mean loss
+    times it, averaged over processes (as DDP averages gradients), is the mean over every target of the global batch,
+    however unevenly the processes' rows hold targets."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1.0
+    counts = local_targets.detach().to(torch.float64).reshape(1)
+    total = counts.clone()
+    torch.distributed.all_reduce(total)
+    return float(counts * torch.distributed.get_world_size() / total)
+
+
+def next_item_targets(item_seq, item_seq_len, labels):
+    """``(targets [B, L], valid [B, L])``: the item that follows each history position (position ``j`` is followed by
+    ``item_seq[:, j + 1]``, the last one, ``item_seq_len - 1``, by ``labels``), and which positions hold an item."""
+    positions = torch.arange(item_seq.shape[1], device=item_seq.device).unsqueeze(0)  # [1, L]
+    valid = positions < item_seq_len.unsqueeze(1)  # [B, L]
+    targets = torch.zeros_like(item_seq)
+    targets[:, :-1] = item_seq[:, 1:]
+    targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(1), labels.unsqueeze(1))
+    return targets.masked_fill(~valid, 0), valid
+
+
 def uses_chat_template(config, tokenizer):
     """Whether the generative prompt is a user turn of the tokenizer's chat template (``prompt_chat_template``):
     ``auto`` where the tokenizer has one (an instruct model answers in its assistant turn), ``True`` (an error
@@ -159,6 +182,8 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.penalty_weight = config["continual_penalty_weight"] or 0.0
         self.show_progress = bool(config["show_progress"])
         self.candidates_per_forward = config["llm_candidates_per_forward"]
+        self.loss_positions = config["llm_loss_positions"] or "last"  # iLoRA.yaml; a model without the key: last
+        self.residual_head = (config["score_head"] or "plain") == "residual"
 
         # Collaborative encoder (frozen).
         self.sasrec = build_frozen_sasrec(config, dataset)
@@ -183,7 +208,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.prompt_builder = PromptBuilder(
             self.tokenizer,
             texts,
-            config["prompt_template"],
+            self.head_prompt_template(config),
             config["prompt_item_separator"],
             config["prompt_max_title_tokens"],
             slots=self.prompt_slots,
@@ -220,6 +245,10 @@ class LLMSequentialRecommender(SequentialRecommender):
                 datasets, self.num_candidates, self.ITEM_ID, self.USER_ID, self.ITEM_SEQ
             )
 
+    def head_prompt_template(self, config):
+        """The template of the head objective's prompt (``prompt_template``; a model may cut it)."""
+        return config["prompt_template"]
+
     def build_llm(self, backbone, config):
         """Wrap the frozen ``backbone`` with the model's trainable adapter; returns the module kept as ``self.llm``."""
         raise NotImplementedError
@@ -230,7 +259,19 @@ class LLMSequentialRecommender(SequentialRecommender):
         projector = nn.Sequential(
             nn.Linear(self.item_size, self.llm_size), nn.GELU(), nn.Linear(self.llm_size, self.llm_size)
         )
-        return projector, nn.Linear(self.llm_size, self.item_size)
+        score_head = nn.Linear(self.llm_size, self.item_size)
+        if self.residual_head:  # score_head: residual starts at the encoder's own ranking (see read_out)
+            nn.init.zeros_(score_head.weight)
+            nn.init.zeros_(score_head.bias)
+        return projector, score_head
+
+    def read_out(self, hidden, encoder_repr):
+        """The user representation in SASRec's item space from the LLM's hidden state(s) ``[..., H]``: the score head
+        of it (``score_head: plain``), or SASRec's own representation of the same history plus that head, which
+        starts at zero (``score_head: residual``): at step 0 the model ranks exactly as its encoder, and training
+        learns what the LLM adds. ``encoder_repr`` ``[..., d]``: SASRec's representation at the same position."""
+        user_repr = self.score_head(hidden.float())
+        return user_repr + encoder_repr if self.residual_head else user_repr
 
     def score_items(self, user_repr, items=None):
         """Scores of ``user_repr`` ``[B, d]`` against ``items`` (``[B]``: one item per row) or every item
@@ -292,10 +333,28 @@ class LLMSequentialRecommender(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if self.generative:
             loss = self.generative_loss(interaction)
+        elif self.loss_positions == "all":
+            loss = self.every_position_loss(item_seq, item_seq_len, interaction[self.POS_ITEM_ID])
         else:
             logits = self._scores_all_items(item_seq, item_seq_len)
             loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
         return loss + self.proximal_term()
+
+    def position_representations(self, item_seq, item_seq_len):
+        """``[B, L, d]``: the user representation read after every history item, each from the history up to that
+        item only (``llm_loss_positions: all``); padding positions are never read."""
+        raise NotImplementedError(f"{type(self).__name__} reads the user only after the whole history.")
+
+    def every_position_loss(self, item_seq, item_seq_len, labels):
+        """Cross-entropy over all items at every history position, the way SASRec trains: the representation read
+        after item ``j`` targets item ``j + 1``, the one after the last item targets RecBole's label; each target of
+        the batch counts once (the mean over targets), padding positions never."""
+        user_repr = self.position_representations(item_seq, item_seq_len)  # [B, L, d]
+        targets, valid = next_item_targets(item_seq, item_seq_len, labels)  # [B, L], [B, L]
+        logits = self.score_items(user_repr[valid])  # [N, n_items]
+        logits[:, 0] = float("-inf")  # the padding item is never an answer
+        loss = F.cross_entropy(logits, targets[valid])
+        return loss * share_of_targets(valid.sum())
 
     # ----- continual training (recbole_ilora.continual) -------------------------------------------------------
     anchor = None  # an AdapterAnchor: the previous block's adapter, set by anchor_adapter()

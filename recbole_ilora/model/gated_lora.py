@@ -85,12 +85,16 @@ class MoELoRA(torch.nn.Module):
 
     @contextlib.contextmanager
     def gate(self, gate_weights):
-        """Route every LoRA layer with ``gate_weights`` (``[B, K]``, one row per sequence) inside the block."""
-        if gate_weights.dim() != 2 or gate_weights.shape[1] != self.num_experts:
-            raise ValueError(f"gate_weights must be [batch, {self.num_experts}], got {list(gate_weights.shape)}")
+        """Route every LoRA layer with ``gate_weights`` inside the block: ``[B, K]`` (one row per sequence, for
+        every token) or ``[B, T, K]`` (one row per token; the layers' inputs must then have ``T`` tokens)."""
+        if gate_weights.dim() not in (2, 3) or gate_weights.shape[-1] != self.num_experts:
+            raise ValueError(
+                f"gate_weights must be [batch, {self.num_experts}] or [batch, tokens, {self.num_experts}], got "
+                f"{list(gate_weights.shape)}"
+            )
         if self._channel_gate is not None:
             raise RuntimeError("MoELoRA.gate() blocks cannot be nested.")
-        self._channel_gate = gate_weights.repeat_interleave(self.expert_rank, dim=1)  # [B, r]
+        self._channel_gate = gate_weights.repeat_interleave(self.expert_rank, dim=-1)  # [B, r] or [B, T, r]
         try:
             yield self
         finally:
@@ -104,6 +108,13 @@ class MoELoRA(torch.nn.Module):
             )
         if gate.shape[0] != output.shape[0]:
             raise RuntimeError(f"The gate holds {gate.shape[0]} sequences but the batch has {output.shape[0]}.")
+        if gate.dim() == 3:  # one gate per token
+            if output.dim() != 3 or output.shape[1] != gate.shape[1]:
+                raise RuntimeError(
+                    f"The gate holds {gate.shape[1]} tokens per sequence but the layer's input has "
+                    f"{list(output.shape[1:-1])}."
+                )
+            return output * gate.to(output.dtype)  # [B, T, r]
         gate = gate.view(gate.shape[0], *([1] * (output.dim() - 2)), gate.shape[1])  # [B, 1.., r]
         return output * gate.to(output.dtype)
 

@@ -7,6 +7,16 @@ experts, mixed per user by a gate network on the user's SASRec sequence represen
 vector per sequence for every layer and token). The LLM's last hidden state, mapped to SASRec's item space by a
 trainable head, scores every item; training minimises cross-entropy over all items.
 
+Learning from every position (the head objective's default, ``llm_loss_positions: all``): the causal LLM reads the
+user's history once and the representation is read at every item's slot, so one forward trains a prediction of the
+next item after each history item, as SASRec trains; the reading after the last item is the one scored at test time.
+So that no position sees its future, the gate is position-wise (``gate_scope: position``, the default): every token
+is routed by SASRec's causal representation of the history up to the item it belongs to (the prompt's opening words
+by the first item's). ``gate_scope: sequence`` is the paper's gate, one vector per sequence from the whole history
+(SASRec's last position): with a loss at every position it would show each earlier position the items after it, so
+it trains on the last position only. The text of ``prompt_template`` after the history is not fed to the head
+objective: the representation is read at the last slot, and nothing after it can change that reading.
+
 Ablations (``gate_input``): ``sasrec`` (the paper's gate), ``uniform`` (every expert weighted 1/K for every user)
 and ``prompt_mean`` (the gate reads the mean of the LLM's prompt input embeddings instead of SASRec).
 """
@@ -16,9 +26,14 @@ from torch import nn
 
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.gated_lora import MoELoRA
-from recbole_ilora.validation import require_float, require_int, require_positive, require_str_list
+from recbole_ilora.model.prompt import split_template
+from recbole_ilora.model.sequence_encoder import sasrec_every_position
+from recbole_ilora.validation import require_choice, require_float, require_int, require_positive, require_str_list
 
 GATE_INPUTS = ("sasrec", "uniform", "prompt_mean")
+GATE_SCOPES = ("position", "sequence")
+LOSS_POSITIONS = ("all", "last")
+SCORE_HEADS = ("residual", "plain")
 
 
 class iLoRA(LLMSequentialRecommender):
@@ -34,12 +49,29 @@ class iLoRA(LLMSequentialRecommender):
         require_positive(config, "lora_alpha")
         require_float(config, "lora_dropout", 0.0, 1.0)
         require_str_list(config, "lora_target_modules")
+        require_choice(config, "gate_scope", GATE_SCOPES)
+        require_choice(config, "llm_loss_positions", LOSS_POSITIONS)
+        require_choice(config, "score_head", SCORE_HEADS)
+        generative = (config["objective"] or "head") == "generative"
+        if not generative and config["gate_scope"] == "sequence" and config["llm_loss_positions"] == "all":
+            raise ValueError(
+                "'gate_scope' = 'sequence' routes every token by the whole history, so a loss at every position "
+                "('llm_loss_positions' = 'all') would show each position the items after it: set "
+                "llm_loss_positions=last with it, or gate_scope=position."
+            )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.num_experts = config["lora_num_experts"]
         self.gate_input = config["gate_input"]
+        self.gate_scope = config["gate_scope"]
         self.gate_network = self.build_gate()  # None for a constant gate
+
+    def head_prompt_template(self, config):
+        """``prompt_template`` up to its history: the head objective reads after the last item's slot."""
+        prefix = config["prompt_template"].split("{history}")[0]
+        split_template(config["prompt_template"])  # the placeholder is there exactly once
+        return prefix + "{history}"
 
     def build_llm(self, backbone, config):
         return MoELoRA(
@@ -90,8 +122,43 @@ class iLoRA(LLMSequentialRecommender):
         """The expert weights each history is routed with, ``[B, K]`` (no LLM forward)."""
         return self._encode_prompt(item_seq, item_seq_len)[2]
 
-    def forward(self, item_seq, item_seq_len):
-        prompt, inputs_embeds, gate = self._encode_prompt(item_seq, item_seq_len)
+    def position_gate(self, positions, prompt, inputs_embeds, item_seq_len):
+        """``[B, T, K]``: every prompt token's gate, from the history up to the item it belongs to (its title's and
+        slot's tokens, and the separator before them; the prompt's opening words belong to the first item)."""
+        slots_before = prompt.slot_mask.long().cumsum(1) - prompt.slot_mask.long()  # [B, T]: slots strictly before
+        item_index = torch.minimum(slots_before, (item_seq_len - 1).unsqueeze(1))  # [B, T]
+        if self.gate_network is None:  # a constant gate: the same for every token, [B, K]
+            return self.gate_weights(positions[:, 0], inputs_embeds, prompt.attention_mask)
+        if self.gate_input == "sasrec":
+            features = positions.gather(1, item_index.unsqueeze(-1).expand(-1, -1, positions.shape[-1]))  # [B, T, d]
+        else:  # prompt_mean: running mean of the prompt's input embeddings up to each token, [B, T, H]
+            mask = prompt.attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)  # [B, T, 1]
+            features = ((inputs_embeds * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)).float()
+        return torch.softmax(self.gate_network(features), dim=-1)  # [B, T, K]
+
+    def position_representations(self, item_seq, item_seq_len):
+        """``[B, L, d]``: the user read at every history item's slot (``read_out`` of the LLM's state there)."""
+        prompt = self.prompt_builder(item_seq, item_seq_len)
+        with torch.no_grad():
+            positions = sasrec_every_position(self.sasrec, item_seq, item_seq_len)  # [B, L, d]
+        inputs_embeds = self.prompt_embeddings(prompt, self.llm.input_embeddings())  # [B, T, H]
+        if self.gate_scope == "position":
+            gate = self.position_gate(positions, prompt, inputs_embeds, item_seq_len)  # [B, T, K]
+        else:  # the paper's: one gate per sequence, from SASRec's last position
+            last = positions[torch.arange(item_seq.shape[0], device=item_seq.device), item_seq_len - 1]  # [B, d]
+            gate = self.gate_weights(last, inputs_embeds, prompt.attention_mask)  # [B, K]
         with self.llm.gate(gate):
-            hidden = self.last_hidden_state(self.llm.decoder(), prompt, inputs_embeds)  # [B, H]
-        return self.score_head(hidden)  # [B, d]
+            hidden = self.llm.decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=prompt.attention_mask,
+                position_ids=prompt.position_ids,
+                use_cache=False,
+            ).last_hidden_state  # [B, T, H]
+        valid = torch.arange(item_seq.shape[1], device=item_seq.device).unsqueeze(0) < item_seq_len.unsqueeze(1)
+        slot_hidden = hidden.new_zeros(*item_seq.shape, hidden.shape[-1])  # [B, L, H]
+        slot_hidden[valid] = hidden[prompt.slot_mask]  # both in row-major order: row b's items 0 .. len - 1
+        return self.read_out(slot_hidden, positions)  # [B, L, d]
+
+    def forward(self, item_seq, item_seq_len):
+        user_repr = self.position_representations(item_seq, item_seq_len)  # [B, L, d]
+        return user_repr[torch.arange(item_seq.shape[0], device=item_seq.device), item_seq_len - 1]  # [B, d]

@@ -73,3 +73,22 @@ def build_frozen_sasrec(config, dataset):
         encoder.load_state_dict(checkpoint["state_dict"])
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+def sasrec_every_position(sasrec, item_seq, item_seq_len):
+    """SASRec's causal representation at every history position, ``[B, L, d]``: row ``b``, position ``j`` encodes the
+    history up to and including ``item_seq[b, j]`` (SASRec's attention is causal, so no later item enters it); its
+    position ``item_seq_len - 1`` is exactly ``sasrec(item_seq, item_seq_len)``. Padding positions hold whatever
+    SASRec computes there. RecBole's ``forward`` computes every position and keeps the last: the last layer's output
+    is read by a forward hook on its transformer encoder instead of repeating that forward here."""
+    captured = []
+
+    def keep_last_layer(module, inputs, output):
+        captured.append(output[-1])
+
+    handle = sasrec.trm_encoder.register_forward_hook(keep_last_layer)
+    try:
+        sasrec(item_seq, item_seq_len)
+    finally:
+        handle.remove()
+    return captured[0]  # [B, L, d]
