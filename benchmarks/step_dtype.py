@@ -28,9 +28,9 @@ from machine import git_commit, hardware  # noqa: E402
 
 SETTINGS = (
     ("nf4", "float32"),
-    ("nf4", "bfloat16"),
     ("dense", "float32"),
     ("dense", "bfloat16"),
+    ("nf4", "bfloat16"),
 )
 
 
@@ -99,47 +99,73 @@ def count_flops(model, batch):
     return counter.get_total_flops()
 
 
+def measure(setting, steps, batch_size):
+    """One setting's row (run in a child process of its own, so that a pathologically slow one can be stopped)."""
+    import torch
+
+    weights, dtype = setting.split("-")
+    model, loader = build(weights, dtype, batch_size)
+    iterator = iter(loader)
+    batches = [next(iterator) for _ in range(steps + 1)]  # shuffle off: the same batches for every setting
+    flops = count_flops(model, batches[0]) if (weights, dtype) == ("dense", "float32") else None
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses, times = [], []
+    for batch in batches:
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)  # the first step warms up
+        losses.append(float(loss))
+    tokens = model.prompt_builder.lengths(batches[0]["item_id_list"], batches[0]["item_length"])
+    return {"weights": weights, "compute_dtype": dtype, "warmup_step_seconds": times[0], "step_seconds": times[1:],
+            "median_step_seconds": statistics.median(times[1:]), "losses": losses, "step_flops": flops,
+            "mean_prompt_tokens": float(tokens.float().mean())}  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default=str(REPO / "results" / "performance" / "step_dtype.json"))
     parser.add_argument("--settings", nargs="*", default=[f"{w}-{d}" for w, d in SETTINGS])
+    parser.add_argument("--give-up-after", type=float, default=600.0, help="seconds a setting may take in all")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: measure one setting
     args = parser.parse_args()
+    if args.one:
+        print("ROW " + json.dumps(measure(args.one, args.steps, args.batch_size)), flush=True)
+        return
+
+    import subprocess
 
     import torch
 
-    results, batches, flops = [], None, None
+    results = []
     for setting in args.settings:
-        weights, dtype = setting.split("-")
-        model, loader = build(weights, dtype, args.batch_size)
-        if batches is None:
-            iterator = iter(loader)
-            batches = [next(iterator) for _ in range(args.steps + 1)]
-        if flops is None and weights == "dense" and dtype == "float32":
-            flops = count_flops(model, batches[0])
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses, times = [], []
-        for index, batch in enumerate(batches):
-            started = time.perf_counter()
-            optimizer.zero_grad()
-            loss = model.calculate_loss(batch)
-            loss.backward()
-            optimizer.step()
-            if index:  # the first step warms up
-                times.append(time.perf_counter() - started)
-            losses.append(float(loss))
-        tokens = model.prompt_builder.lengths(batches[0]["item_id_list"], batches[0]["item_length"])
-        row = {"weights": weights, "compute_dtype": dtype, "median_step_seconds": statistics.median(times),
-               "step_seconds": times, "losses": losses, "mean_prompt_tokens": float(tokens.float().mean())}  # fmt: skip
+        command = [sys.executable, __file__, "--one", setting, "--steps", str(args.steps)]
+        command += ["--batch-size", str(args.batch_size)]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.give_up_after)
+            rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            if done.returncode or not rows:
+                raise RuntimeError(f"{setting} failed:\n{done.stderr[-3000:]}")
+            row = {**json.loads(rows[-1]), "gave_up": False}
+        except subprocess.TimeoutExpired:
+            weights, dtype = setting.split("-")
+            row = {"weights": weights, "compute_dtype": dtype, "gave_up": True,
+                   "stopped_after_seconds": time.perf_counter() - started}  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)
-        del model, optimizer
 
+    flops = next((row["step_flops"] for row in results if row.get("step_flops")), None)
     cores = torch.get_num_threads()
     peaks, ghz, flags = peak_gflops(cores)
-    reference = next((row for row in results if row["weights"] == "nf4" and row["compute_dtype"] == "float32"), None)
+    reference = next((row for row in results if (row["weights"], row["compute_dtype"]) == ("nf4", "float32")), None)
     for row in results:
+        if row["gave_up"]:
+            continue
         if flops:
             row["gflops_per_second"] = flops / row["median_step_seconds"] / 1e9
             row["fraction_of_peak"] = row["gflops_per_second"] / peaks[row["compute_dtype"]]
@@ -156,6 +182,7 @@ def main():
         "batch_size": args.batch_size,
         "batch": "ml-100k training windows of 10 items (the first batches in time order), loss at every position",
         "step_flops": flops,
+        "give_up_after_seconds": args.give_up_after,
         "settings": results,
     }
     output = Path(args.output)
@@ -164,6 +191,10 @@ def main():
     print(f"\n{record['machine']}; peak {peaks} GFLOP/s at {ghz:.2f} GHz; step {flops / 1e9 if flops else 0:.0f} GFLOP")
     print("| weights | compute | s/step | x NF4-fp32 | GFLOP/s | of peak | max |loss diff| |")
     for row in results:
+        if row["gave_up"]:
+            stopped = row["stopped_after_seconds"]
+            print(f"| {row['weights']} | {row['compute_dtype']} | stopped after {stopped:.0f} s, unfinished |")
+            continue
         cells = [row["weights"], row["compute_dtype"], f"{row['median_step_seconds']:.2f}"]
         cells.append(f"{row.get('speedup_over_nf4_float32', 0):.2f}")
         cells += [f"{row.get('gflops_per_second', 0):.0f}", f"{row.get('fraction_of_peak', 0):.0%}"]
