@@ -345,6 +345,9 @@ def render(results):
         f"{results['date']}. Medians over repeated runs; every ratio is measured within one run (the models "
         "take turns on the same batches). Raw figures: `performance.json`.",
         "",
+        "The training step by weights and compute dtype, per machine: [performance/step_dtype.md]"
+        "(performance/step_dtype.md) (`benchmarks/step_dtype.py`).",
+        "",
         "## 1-2. Train step and trainable parameters (batches of the shipped size: 64 histories of 10 items)",
         "",
         "| backbone | backbone params | batch | mean prompt tokens | iLoRA s/step | UniformLoRA s/step | "

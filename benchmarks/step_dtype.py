@@ -132,7 +132,11 @@ def main():
     parser.add_argument("--settings", nargs="*", default=[f"{w}-{d}" for w, d in SETTINGS])
     parser.add_argument("--give-up-after", type=float, default=600.0, help="seconds a setting may take in all")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: measure one setting
+    parser.add_argument("--render", action="store_true", help="only write the Markdown table of --output's JSON")
     args = parser.parse_args()
+    if args.render:
+        render(Path(args.output))
+        return
     if args.one:
         print("ROW " + json.dumps(measure(args.one, args.steps, args.batch_size)), flush=True)
         return
@@ -201,6 +205,38 @@ def main():
         cells.append(f"{row.get('max_loss_difference_from_nf4_float32', 0):.4f}")
         print("| " + " | ".join(cells) + " |")
     print(f"wrote {output}")
+    render(output)
+
+
+def render(output):
+    """``<output>.md``: the table of the JSON, with the machine, commit and what was measured."""
+    record = json.loads(output.read_text())
+    peaks = record["peak_gflops"]
+    lines = [
+        f"# The training step by weights and compute dtype ({record['machine']})",
+        "",
+        f"`python benchmarks/step_dtype.py` at commit `{record['commit']}`: iLoRA's head objective (a loss at every "
+        f"position; the score head plain, so that the losses read the LLM) on SmolLM2-135M-Instruct, "
+        f"{record['batch_size']} {record['batch']}; median of the timed steps after one warm-up step, each setting "
+        f"in a process of its own. CPU flags: "
+        f"{', '.join(record['cpu_flags']) or 'none of AVX2/AVX-512/AMX'}; peak {peaks['float32']:.0f} GFLOP/s float32 "
+        f"and {peaks['bfloat16']:.0f} bfloat16 at the base clock {record['base_clock_ghz']:.2f} GHz (a boost clock "
+        f"makes the true fraction lower); one step is {record['step_flops'] / 1e9:.0f} GFLOP (FlopCounterMode, dense "
+        f"float32). Raw: `{output.name}`.",
+        "",
+        "| weights | compute | s/step | speed vs NF4 float32 | GFLOP/s | of peak | max loss difference vs NF4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in record["settings"]:
+        if row["gave_up"]:
+            lines.append(f"| {row['weights']} | {row['compute_dtype']} | not one step in "
+                         f"{row['stopped_after_seconds']:.0f} s (stopped) | | | | |")  # fmt: skip
+            continue
+        cells = [row["weights"], row["compute_dtype"], f"{row['median_step_seconds']:.2f}"]
+        cells += [f"{row['speedup_over_nf4_float32']:.2f}x", f"{row['gflops_per_second']:.0f}"]
+        cells += [f"{row['fraction_of_peak']:.0%}", f"{row['max_loss_difference_from_nf4_float32']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
