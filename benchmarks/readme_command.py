@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def metrics(text, label):
     """``{mode: metrics}`` of the log lines ``<label> (<mode>): OrderedDict(...)`` (``test result`` is not read in
     ``encoder test result``)."""
     found = re.findall(r"(?<!encoder )" + re.escape(label) + r" \((\w+)\): (OrderedDict\(.*\))", text)
-    namespace = {"__builtins__": {}, "OrderedDict": collections.OrderedDict}
+    namespace = {"__builtins__": {}, "OrderedDict": collections.OrderedDict, "np": types.SimpleNamespace(float64=float)}
     return {mode: {k: float(v) for k, v in eval(value, namespace).items()} for mode, value in found}
 
 
@@ -47,7 +47,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep-cache", action="store_true", help="use the user's caches (pip, converted backbone)")
     parser.add_argument("--output", default=str(REPO / "results" / "default-command"))
+    parser.add_argument("--finish", default=None, help="only write the record of the finished run in this folder")
     args = parser.parse_args()
+    if args.finish:
+        finish(Path(args.finish), Path(args.output))
+        return
     commit = git_commit()
     if commit.endswith("+uncommitted"):
         raise SystemExit("Commit first: a fresh clone would not hold the uncommitted changes.")
@@ -58,7 +62,6 @@ def main():
     environment = dict(os.environ)
     if not args.keep_cache:
         environment["XDG_CACHE_HOME"] = str(work / "cache")  # pip's cache and the converted backbone's
-    started, cpu_started = time.time(), os.times()
     done = subprocess.run(
         ["/usr/bin/time", "-v", "bash", "-euo", "pipefail", "-c", command],
         cwd=clone,
@@ -66,44 +69,47 @@ def main():
         capture_output=True,
         text=True,
     )
-    wall = time.time() - started
-    cpu = os.times()
     (work / "stdout.txt").write_text(done.stdout)
     (work / "stderr.txt").write_text(done.stderr)
+    run = {"command": command, "commit": commit, "empty_caches": not args.keep_cache}
+    (work / "run.json").write_text(json.dumps({**run, "date": datetime.date.today().isoformat()}))
     if done.returncode:
         raise SystemExit(f"the command failed ({done.returncode}); its output is in {work}")
+    finish(work, Path(args.output))
+
+
+def finish(work, output):
+    """The record of the finished run in ``work`` (its clone's log, ``/usr/bin/time -v``'s figures)."""
+    run = json.loads((work / "run.json").read_text())
+    clone, stderr = work / "clone", (work / "stderr.txt").read_text()
     logs = sorted((clone / "log").rglob("*.log"), key=lambda path: path.stat().st_mtime)
     log = logs[-1]  # the LLM's run (SASRec's pretraining writes no log of its own)
     text = log.read_text(encoding="utf-8", errors="replace")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1])
-    model = re.search(r"--model=(\w+)", command)[1]
-    dataset = re.search(r"--dataset=([\w-]+)", command)[1]
-    date = datetime.date.today().isoformat()
-    output = Path(args.output)
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr)[1].split(":")
+    wall = sum(float(part) * 60**power for power, part in enumerate(reversed(clock)))
+    cpu_seconds = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", stderr)[1]) for kind in ("User", "System"))
+    model = re.search(r"--model=(\w+)", run["command"])[1]
+    dataset = re.search(r"--dataset=([\w-]+)", run["command"])[1]
     output.mkdir(parents=True, exist_ok=True)
-    stem = f"{model}-{dataset}-{commit}-{date}"
+    stem = f"{model}-{dataset}-{run['commit']}-{run['date']}"
     shutil.copyfile(log, output / f"{stem}.log")
-    timings = json.loads(re.findall(r"timings \(s\): (\{.*\})", text)[-1])
     cpuinfo = Path("/proc/cpuinfo").read_text()
     record = {
-        "command": command,
-        "commit": commit,
-        "date": date,
+        **run,
         "cpu": re.search(r"model name\s*:\s*(.*)", cpuinfo)[1],
         "cores": os.cpu_count(),
         "cpu_flags": sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|amx_tile|avx512f|avx2)\b", cpuinfo))),
-        "empty_caches": not args.keep_cache,
         "wall_seconds": wall,
-        "cpu_seconds": sum(cpu[2:4]) - sum(cpu_started[2:4]),  # children's user and system time
-        "peak_rss_gb": peak_kb / 1024**2,
-        "timings": timings,
+        "cpu_seconds": cpu_seconds,
+        "peak_rss_gb": int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)[1]) / 1024**2,
+        "timings": json.loads(re.findall(r"timings \(s\): (\{.*\})", text)[-1]),
         "test": metrics(text, "test result"),
         "encoder_test": metrics(text, "encoder test result"),
         "log": f"{stem}.log",
-    }  # fmt: skip
+    }
     (output / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
-    shutil.rmtree(work / "clone" / ".venv", ignore_errors=True)
+    shutil.rmtree(clone / ".venv", ignore_errors=True)
 
 
 if __name__ == "__main__":
