@@ -69,10 +69,13 @@ def hit_at_1_from_scores(model, test_data):
 
 @pytest.mark.parametrize("model_name", ["SASRec", "CaseQ", "iLoRA"])
 def test_trained_model_finds_the_next_item_and_recbole_agrees_with_its_scores(cycle_data, model_name):
-    result = objective_function(config_dict=settings(cycle_data, model_name, epochs=6 if model_name == "iLoRA" else 30))
+    # iLoRA's shipped residual head would start at its trained encoder, which finds the next item on its own: the
+    # plain head makes the LLM's path alone carry the ranking, so that this tests what the LLM learns.
+    extra = {"epochs": 6, "score_head": "plain"} if model_name == "iLoRA" else {"epochs": 30}
+    result = objective_function(config_dict=settings(cycle_data, model_name, **extra))
     recbole_hit = result["test_result"]["hit@1"]
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
-    assert hit_at_1_from_scores(model, test_data) == pytest.approx(recbole_hit, abs=1e-9)
+    assert hit_at_1_from_scores(model, test_data) == pytest.approx(recbole_hit, abs=5e-5)  # RecBole rounds to 4 places
     assert recbole_hit >= 0.8, result["test_result"]  # the next item is determined by the last one
 
 
