@@ -103,6 +103,8 @@ def finish(work, output):
         "cpu_seconds": cpu_seconds,
         "peak_rss_gb": int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)[1]) / 1024**2,
         "timings": json.loads(re.findall(r"timings \(s\): (\{.*\})", text)[-1]),
+        "trained_targets": int(re.findall(r"(\d+) targets per epoch", text)[-1]),
+        "seed": int(re.findall(r"seed = (\d+)", text)[0]),
         "test": metrics(text, "test result"),
         "encoder_test": metrics(text, "encoder test result"),
         "log": f"{stem}.log",
