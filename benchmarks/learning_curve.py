@@ -181,12 +181,12 @@ def plot(folder):
             lines.append(f"| {record['model']} | {record['dataset']} | {record['seed']} | {point['targets']} | "
                          f"{point['windows']} | {point['train_seconds'] / 60:.1f} | {point['test']['ndcg@10']:.4f} | "
                          f"{record['encoder_test']['ndcg@10']:.4f} |")  # fmt: skip
-    for path in sorted(
-        (REPO / "results" / "default-command").glob(f"{records[0]['model']}-{records[0]['dataset']}-*.json")
-    ):
+    models = {record["model"] for record in records}
+    for path in sorted((REPO / "results" / "default-command").glob(f"*-{records[0]['dataset']}-*.json")):
         run = json.loads(path.read_text())  # the README command: one epoch of the shipped budget, 2 threads
-        if "trained_targets" in run and run.get("seed") == records[0]["seed"]:
-            label = f"the README command ({run['commit']}, one epoch of its 2 windows/user)"
+        model = path.name.split("-")[0]
+        if "trained_targets" in run and model in models and run.get("seed") == records[0]["seed"]:
+            label = f"{model}, the README command ({run['commit']}: one epoch on 2 windows/user)"
             point = ([run["trained_targets"]], [run["test"]["full"]["ndcg@10"]])
             axis.plot(*point, marker="*", markersize=12, linestyle="none", label=label)
     for (dataset, seed), level in encoders.items():
