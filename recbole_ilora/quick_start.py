@@ -278,7 +278,7 @@ def protocol_test_data(config, mode, test_split="lapse"):
     return bounded_full_sort(test_config, loader)
 
 
-def evaluate_test_modes(config, trainer, show_progress=False, known=None):
+def evaluate_test_modes(config, trainer, show_progress=False, known=None, label="test result"):
     """The trained model (already holding its best weights) tested under every mode of ``config['test_modes']``;
     ``known`` (mode -> metrics) holds modes already evaluated on their protocol loader, which are not run again.
 
@@ -293,38 +293,29 @@ def evaluate_test_modes(config, trainer, show_progress=False, known=None):
             test_data = protocol_test_data(config, mode)
             init_seed(config["seed"], config["reproducibility"])  # the same sampled candidates for every model
             results[mode] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
-        getLogger().info(set_color(f"test result ({mode})", "yellow") + f": {results[mode]}")
+        getLogger().info(set_color(f"{label} ({mode})", "yellow") + f": {results[mode]}")
         if config["lapse"] is not None:  # the same mode on the test without lapse
             name = f"{mode}_no_lapse"
             test_data = protocol_test_data(config, mode, "no_lapse")
             init_seed(config["seed"], config["reproducibility"])
             results[name] = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
-            getLogger().info(set_color(f"test result ({mode}, without lapse)", "yellow") + f": {results[name]}")
+            getLogger().info(set_color(f"{label} ({mode}, without lapse)", "yellow") + f": {results[name]}")
     return results
 
 
-def evaluate_encoder(config, model, test_data, test_results, show_progress=False):
+def evaluate_encoder(config, model, test_data, show_progress=False):
     """The frozen SASRec encoder of an LLM ``model``, tested on the same loaders as the model: RecBole's test
-    (``test_data``) and every mode of ``test_results`` (on each mode's protocol loader, seeded as for the model, so the
-    same sampled candidates). Returns ``(test_result, {mode: metrics})``, so that one run shows what the LLM added."""
+    (``test_data``) and every mode of ``test_modes`` (:func:`evaluate_test_modes`: each mode's protocol loader, seeded
+    as for the model, so the same sampled candidates). Returns ``(test_result, {mode: metrics})``, so that one run
+    shows what the LLM added."""
     from recbole.trainer import Trainer
 
     trainer = Trainer(sasrec_pretraining_config(config), model.sasrec)
     init_seed(config["seed"], config["reproducibility"])
     test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=show_progress)
-    results = {}
-    for mode in test_results:
-        if mode.endswith("_no_lapse"):
-            loader = protocol_test_data(config, mode[: -len("_no_lapse")], "no_lapse")
-        else:
-            loader = protocol_test_data(config, mode)
-        init_seed(config["seed"], config["reproducibility"])
-        results[mode] = trainer.evaluate(loader, load_best_model=False, show_progress=show_progress)
+    getLogger().info(set_color("encoder test result", "yellow") + f" (its frozen SASRec, same split): {test_result}")
+    results = evaluate_test_modes(config, trainer, show_progress, label="encoder test result")
     model.sasrec.eval()
-    logger = getLogger()
-    logger.info(set_color("encoder test result", "yellow") + f" (its frozen SASRec, same split): {test_result}")
-    for mode, metrics in results.items():
-        logger.info(set_color(f"encoder test result ({mode})", "yellow") + f": {metrics}")
     return test_result, results
 
 
@@ -382,8 +373,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         model.attach_splits(train_data, valid_data, test_data)
     trained_targets = None
     if isinstance(model, LLMSequentialRecommender):
-        every_position = not model.generative and model.loss_positions == "all"
-        train_data, trained_targets = budget_training_data(config, train_data, every_position)
+        train_data, trained_targets = budget_training_data(config, train_data, model.trains_every_position)
     trained_sequences = len(train_data.dataset)
     if verbose:
         logger.info(model)
@@ -430,7 +420,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     encoder_result, encoder_results = None, None
     if isinstance(model, LLMSequentialRecommender) and config["single_spec"]:  # (several processes: not yet)
         started = time.perf_counter()
-        encoder_result, encoder_results = evaluate_encoder(config, model, test_data, test_results, show_progress)
+        encoder_result, encoder_results = evaluate_encoder(config, model, test_data, show_progress)
         timings["encoder_testing"] = time.perf_counter() - started
     logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
     if verbose:

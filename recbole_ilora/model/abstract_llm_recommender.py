@@ -183,6 +183,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.show_progress = bool(config["show_progress"])
         self.candidates_per_forward = config["llm_candidates_per_forward"]
         self.loss_positions = config["llm_loss_positions"] or "last"  # iLoRA.yaml; a model without the key: last
+        self.generative = (config["objective"] or "head") == "generative"
         self.residual_head = (config["score_head"] or "plain") == "residual"
 
         # Collaborative encoder (frozen).
@@ -194,7 +195,6 @@ class LLMSequentialRecommender(SequentialRecommender):
         if config["prompt_title_article_first"]:
             texts = [move_article_first(text) for text in texts]
         prefix, suffix = split_template(config["prompt_template"])
-        self.generative = (config["objective"] or "head") == "generative"
         template = generative_template(config) if self.generative else None
         extra = parse_template(template, ("history", "candidates"))[0] if self.generative else []
         corpus = [prefix, suffix, *extra, config["prompt_item_separator"], *texts[1:]]
@@ -311,17 +311,6 @@ class LLMSequentialRecommender(SequentialRecommender):
         slot_embeds = self.projector(self.item_embeddings()[prompt.slot_items])  # [n_slots, H]
         return embeds.masked_scatter(prompt.slot_mask.unsqueeze(-1), slot_embeds.to(embeds.dtype))
 
-    @staticmethod
-    def last_hidden_state(decoder, prompt, inputs_embeds):
-        """The decoder's final hidden state at the last prompt position, ``[B, H]`` (prompts are left-padded)."""
-        output = decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=prompt.attention_mask,
-            position_ids=prompt.position_ids,
-            use_cache=False,
-        )
-        return output.last_hidden_state[:, -1].float()
-
     # ----- RecBole's contract ----------------------------------------------------------------------------------
     def _scores_all_items(self, item_seq, item_seq_len):
         user_repr = self.forward(item_seq, item_seq_len)  # [B, d]
@@ -333,12 +322,18 @@ class LLMSequentialRecommender(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if self.generative:
             loss = self.generative_loss(interaction)
-        elif self.loss_positions == "all":
+        elif self.trains_every_position:
             loss = self.every_position_loss(item_seq, item_seq_len, interaction[self.POS_ITEM_ID])
         else:
             logits = self._scores_all_items(item_seq, item_seq_len)
             loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
         return loss + self.proximal_term()
+
+    @property
+    def trains_every_position(self):
+        """Whether training has a loss at every history position (the head objective with ``llm_loss_positions:
+        all``); the runner then trains on non-overlapping windows of each user's history."""
+        return not self.generative and self.loss_positions == "all"
 
     def position_representations(self, item_seq, item_seq_len):
         """``[B, L, d]``: the user representation read after every history item, each from the history up to that

@@ -26,7 +26,7 @@ from torch import nn
 
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.gated_lora import MoELoRA
-from recbole_ilora.model.prompt import split_template
+from recbole_ilora.model.prompt import parse_template
 from recbole_ilora.model.sequence_encoder import sasrec_every_position
 from recbole_ilora.validation import require_choice, require_float, require_int, require_positive, require_str_list
 
@@ -69,8 +69,7 @@ class iLoRA(LLMSequentialRecommender):
 
     def head_prompt_template(self, config):
         """``prompt_template`` up to its history: the head objective reads after the last item's slot."""
-        prefix = config["prompt_template"].split("{history}")[0]
-        split_template(config["prompt_template"])  # the placeholder is there exactly once
+        prefix = parse_template(config["prompt_template"], strip=False)[0][0]  # checks the placeholder is there once
         return prefix + "{history}"
 
     def build_llm(self, backbone, config):
@@ -125,11 +124,11 @@ class iLoRA(LLMSequentialRecommender):
     def position_gate(self, positions, prompt, inputs_embeds, item_seq_len):
         """``[B, T, K]``: every prompt token's gate, from the history up to the item it belongs to (its title's and
         slot's tokens, and the separator before them; the prompt's opening words belong to the first item)."""
-        slots_before = prompt.slot_mask.long().cumsum(1) - prompt.slot_mask.long()  # [B, T]: slots strictly before
-        item_index = torch.minimum(slots_before, (item_seq_len - 1).unsqueeze(1))  # [B, T]
         if self.gate_network is None:  # a constant gate: the same for every token, [B, K]
             return self.gate_weights(positions[:, 0], inputs_embeds, prompt.attention_mask)
         if self.gate_input == "sasrec":
+            slots_before = prompt.slot_mask.long().cumsum(1) - prompt.slot_mask.long()  # [B, T]: slots strictly before
+            item_index = torch.minimum(slots_before, (item_seq_len - 1).unsqueeze(1))  # [B, T]
             features = positions.gather(1, item_index.unsqueeze(-1).expand(-1, -1, positions.shape[-1]))  # [B, T, d]
         else:  # prompt_mean: running mean of the prompt's input embeddings up to each token, [B, T, H]
             mask = prompt.attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)  # [B, T, 1]
