@@ -189,6 +189,12 @@ NEUTRAL_DEFAULTS = {
     "continual_cumulative": False,
     "continual_l2_weights": [0.1, 1, 10],
 }  # fmt: skip
+# Keys read by the LLM model only, never by the SASRec encoder it reads, at the values the recorded encoder runs were
+# hashed with (None: the key did not exist then). An encoder run's hash sees these values whatever the LLM rows use, so
+# that a change of the LLM's objective or budget (issue 42) does not retrain the committed encoders.
+LLM_ONLY_KEYS = {
+    "llm_train_sequences_per_user": 1, "llm_loss_positions": None, "gate_scope": None, "score_head": None,
+}  # fmt: skip
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 FULL_METRICS = ["ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10", "hit@20", "mrr@10"]
 SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
@@ -232,7 +238,7 @@ def resolve_config(model, dataset, files, config_dict):
         sys.argv = argv
 
 
-def config_hash(config, extra=""):
+def config_hash(config, extra="", encoder=False):
     settings = {
         key: value
         for key, value in config.final_config_dict.items()
@@ -240,6 +246,11 @@ def config_hash(config, extra=""):
     }
     if settings.get("objective") != "generative":  # keys read by the generative objective only
         settings = {key: value for key, value in settings.items() if key not in GENERATIVE_KEYS}
+    if settings.get("model") == "SASRec" and encoder:
+        for key, value in LLM_ONLY_KEYS.items():
+            settings.pop(key, None)
+            if value is not None:
+                settings[key] = value
     text = json.dumps(settings, sort_keys=True, default=str) + extra
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -283,7 +294,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                     config = resolve_config(model, dataset, files, config_dict)
                 if kind == "encoder":
                     config = sasrec_pretraining_config(config)
-                run_hash = config_hash(config, extra=encoder_id if kind == "llm" else "")
+                run_hash = config_hash(config, extra=encoder_id if kind == "llm" else "", encoder=kind == "encoder")
                 run_id = f"{row}-seed{seed}-{run_hash}"
                 if kind == "encoder":
                     encoder_id = run_id
