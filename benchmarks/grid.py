@@ -311,6 +311,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                         "encoder": encoder_id if kind == "llm" else None,
                         "backbone": backbone if kind in ("llm", "continual") else None,
                         "command": runner_command(config, model, dataset, files, config_dict, kind),
+                        "budget": llm_budget(config) if kind == "llm" else None,
                     }
                 )
 
@@ -631,6 +632,7 @@ def worker(spec_path):
         "model_summary": result["model_summary"],  # what the model reports of its training (Laser: balance loss)
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
+        "budget": llm_budget(config) if spec["kind"] == "llm" else None,
     }
     if record["generative"]:  # every user's candidates, answer and verdict, next to the run's JSON
         with open(record["generative"]["generations_file"], "rb") as source:
@@ -1395,6 +1397,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         gate_table(by_row, output),
         "",
         *balance_lines(by_row),
+        *([] if quick else earlier_lines(dataset, planned, output)),
         "## Rows",
         "",
         "| row | what it is | command of one run (seed shown for the first seed) |",
@@ -1407,9 +1410,9 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "",
         "Training budget: no hyperparameter was tuned for any row, on any split. RecBole's models use RecBole's "
         f"defaults and the budget of `{os.path.relpath(BASELINE_BUDGET, REPO)}` (early stopping on validation "
-        "NDCG@10); the LLM rows use the plugin's shipped defaults "
-        "(`properties/model/LLMSequentialRecommender.yaml`: 1 epoch); the "
-        "SASRec encoder uses iLoRA's `sasrec_*` keys. The LLM rows' wall time excludes the encoder's "
+        "NDCG@10); the LLM rows use the plugin's shipped defaults: "
+        f"{budgets_line([r for r in done if ROWS[r['row']][0] == 'llm'], planned) or '–'}; the SASRec encoder "
+        f"uses `{os.path.relpath(ENCODER_BUDGET, REPO)}`. The LLM rows' wall time excludes the encoder's "
         "(its own row), which the shipped `--model=iLoRA` command spends first.",
         "",
         "## Dataset",
@@ -1477,6 +1480,128 @@ def training_budget(scope="for every LLM row"):
     return f"{defaults['epochs']} epoch(s) on {sequences}, batch {defaults['train_batch_size']}, {scope}"
 
 
+# The settings that say how much and what an LLM row learnt from (recorded with every LLM run since issue 42).
+BUDGET_KEYS = (
+    "objective", "epochs", "train_batch_size", "learning_rate", "llm_train_sequences_per_user", "llm_loss_positions",
+    "gate_scope", "score_head",
+)  # fmt: skip
+# What every LLM run recorded before issue 42 learnt from (commit 0bd3ec1 and earlier: its shipped defaults, none of
+# which the grid overrode): each user's most recent training sequence, its label only, the per-sequence gate, the head
+# alone from a random start.
+EARLIER_BUDGET = {
+    "epochs": 1, "train_batch_size": 16, "learning_rate": 0.001, "llm_train_sequences_per_user": 1,
+    "llm_loss_positions": "last", "gate_scope": "sequence", "score_head": "plain",
+}  # fmt: skip
+
+
+def llm_budget(config):
+    """An LLM run's budget settings (:data:`BUDGET_KEYS`) from its resolved configuration."""
+    return {key: config[key] for key in BUDGET_KEYS}
+
+
+def budget_label(budget, targets=None):
+    """An LLM row's budget in words: ``1 epoch, batch 16; each user's 2 most recent windows (18,693 targets), a loss
+    at every position, per-position gate, residual head``; the generative objective reads only the first part."""
+    per_user = budget.get("llm_train_sequences_per_user")
+    generative = budget.get("objective") == "generative"
+    every = not generative and budget.get("llm_loss_positions") == "all"
+    unit = "window" if every else "sequence"
+    what = f"every training {unit}" if per_user is None else f"each user's {per_user} most recent training {unit}"
+    what += "" if per_user == 1 else "s"
+    if targets:
+        what += f" ({targets:,} targets)"
+    parts = [f"{budget.get('epochs')} epoch(s), batch {budget.get('train_batch_size')}; {what}"]
+    if generative:
+        parts.append("the answer title's tokens")
+    else:
+        parts.append("a loss at every position" if every else "the label only")
+        if budget.get("gate_scope"):  # iLoRA's and UniformLoRA's keys (Laser has neither)
+            parts.append(f"per-{budget['gate_scope']} gate")
+        if budget.get("score_head"):
+            parts.append(f"{budget['score_head']} head")
+    return ", ".join(parts)
+
+
+def earlier_records(dataset, planned, output):
+    """The records in ``<output>/runs/<dataset>/`` of the plan's LLM rows that the plan no longer runs (an earlier
+    budget or code: their hash differs), superseded records left out."""
+    rows = {run["row"] for run in planned if run["kind"] == "llm"}
+    ids = {run["run_id"] for run in planned}
+    records = []
+    for path in sorted(Path(output, "runs", dataset).glob("*-seed*-*.json")):
+        if ".superseded-" in path.name or path.stem.count(".") or path.stem in ids:
+            continue
+        record = json.loads(path.read_text())
+        if record.get("row") in rows and "test" in record:
+            records.append(record)
+    return records
+
+
+def earlier_lines(dataset, planned, output):
+    """``## Earlier budgets``: the LLM rows' earlier records (:func:`earlier_records`), grouped by row and budget, with
+    the figures the tables above show for the current ones."""
+    groups = collections.defaultdict(list)
+    for record in earlier_records(dataset, planned, output):
+        budget = record_budget(record)
+        groups[(record["row"], json.dumps(budget, sort_keys=True))].append(record)
+    if not groups:
+        return []
+    out = [
+        "## Earlier budgets",
+        "",
+        "The same rows as recorded before their settings changed (kept in `runs/`, not in the tables above): each "
+        "with the budget it was trained with, mean ± std over its seeds.",
+        "",
+        "| row | budget | seeds | full NDCG@10 | uni19 Hit@1 | HR@1 (all) | commits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (row, budget), records in sorted(groups.items(), key=lambda item: list(ROWS).index(item[0][0])):
+        full = [r["test"]["full"]["ndcg@10"] for r in records if "full" in r["test"]]
+        uni19 = [r["test"]["uni19"]["hit@1"] for r in records if "uni19" in r["test"]]
+        hr1 = [r["generative"]["hr@1_all"] for r in records if r.get("generative")]
+        seeds = ", ".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
+        commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in records}))
+        targets = {r.get("trained_targets") for r in records}
+        label = budget_label(json.loads(budget), targets.pop() if len(targets) == 1 else None)
+        out.append(
+            f"| {row} | {label} | {seeds} | {fmt(*mean_std(full))} | {fmt(*mean_std(uni19))} | "
+            f"{fmt(*mean_std(hr1))} | {commits} |"
+        )
+    return [*out, ""]
+
+
+def record_budget(record, planned=()):
+    """An LLM record's budget settings: recorded with the run, else its planned run's, else (a record without
+    ``trained_targets``, written before issue 42) :data:`EARLIER_BUDGET`."""
+    if record.get("budget"):
+        return record["budget"]
+    run = next((run for run in planned if run["run_id"] == record["run_id"]), None)
+    if run and run.get("budget"):
+        return run["budget"]
+    if "trained_targets" in record:
+        raise ValueError(f"{record['run_id']}: no budget recorded or planned")
+    generative = record["row"] in GENERATIVE_ROWS
+    return {**EARLIER_BUDGET, "objective": "generative" if generative else "head"}
+
+
+def budgets_line(records, planned=()):
+    """The distinct budgets of ``records`` in words, with the targets each trained (ranges over seeds)."""
+    labels, rows = collections.defaultdict(set), collections.defaultdict(dict)
+    for record in records:
+        budget = json.dumps(record_budget(record, planned), sort_keys=True)
+        labels[budget].add(record.get("trained_targets"))
+        rows[budget][record["row"]] = None
+    out = []
+    for budget, targets in labels.items():
+        known = sorted(t for t in targets if t)
+        span = None if not known else known[0] if known[0] == known[-1] else None
+        text = budget_label(json.loads(budget), span)
+        if known and span is None:
+            text += f" ({known[0]:,} to {known[-1]:,} targets over seeds)"
+        out.append(f"{', '.join(rows[budget])}: {text}")
+    return "; ".join(out)
+
+
 def claims_lines(dataset, planned, by_row, output):
     """The claims table and the targets (benchmarks/claims.py), with the SASRec encoder ranking the very candidates of
     each generative iLoRA run (computed once, cached next to the run)."""
@@ -1494,7 +1619,8 @@ def claims_lines(dataset, planned, by_row, output):
             cache = Path(record["_path"]).with_suffix(".encoder-on-candidates.json")
             encoder_results[record["seed"]] = claims.encoder_on_candidates(generations, checkpoint, cache, here)
     backbone = next((run["backbone"] for run in planned if run.get("backbone")), DEFAULT_BACKBONE)
-    lines = claims.claims_section(dataset, by_row, backbone, training_budget())
+    llm_records = [record for records in by_row.values() for record in records if ROWS[record["row"]][0] == "llm"]
+    lines = claims.claims_section(dataset, by_row, backbone, budgets_line(llm_records, planned) or training_budget())
     lines += ["", *claims.targets_section(dataset, by_row, encoder_results)]
     return [*lines, ""]
 

@@ -909,3 +909,63 @@ def test_a_record_names_the_commit_its_worker_started_from(tmp_path, monkeypatch
     grid.worker(str(spec_path))
     record = json.loads(output.read_text())
     assert record["row"] == "Pop" and record["commit"] == "abc1234"
+
+
+def test_a_change_of_the_llms_objective_reruns_its_rows_but_keeps_the_committed_encoders(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def ids(encoder_overrides=None, llm_overrides=None):
+        if encoder_overrides is not None:
+            monkeypatch.setitem(grid.ROWS, "SASRec-encoder", (*grid.ROWS["SASRec-encoder"][:2], encoder_overrides, ""))
+        if llm_overrides is not None:
+            monkeypatch.setitem(grid.ROWS, "iLoRA", (*grid.ROWS["iLoRA"][:2], llm_overrides, ""))
+        runs = grid.plan(["ml-100k"], ["iLoRA"], [2020], quick=False)
+        return {run["row"]: run["run_id"] for run in runs}
+
+    shipped = ids()
+    # the shipped defaults read the encoder whose record and checkpoint are committed (no retraining for issue 42)
+    assert (REPO_ROOT / "results" / "runs" / "ml-100k" / f"{shipped['SASRec-encoder']}.json").exists()
+    earlier = {"llm_loss_positions": "last", "gate_scope": "sequence", "score_head": "plain",
+               "llm_train_sequences_per_user": 1}  # fmt: skip
+    assert ids(encoder_overrides=earlier)["SASRec-encoder"] == shipped["SASRec-encoder"]  # the encoder reads none
+    changed = ids(encoder_overrides={}, llm_overrides={"score_head": "plain"})
+    assert changed["SASRec-encoder"] == shipped["SASRec-encoder"] and changed["iLoRA"] != shipped["iLoRA"]
+    # a key the encoder does read still retrains it
+    assert (
+        ids(encoder_overrides={"sasrec_learning_rate": 0.002}, llm_overrides={})["SASRec-encoder"]
+        != shipped["SASRec-encoder"]
+    )
+
+
+def test_earlier_llm_records_are_reported_apart_with_the_budget_they_trained_with(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    budget = {"objective": "head", "epochs": 1, "train_batch_size": 16, "learning_rate": 0.001,
+              "llm_train_sequences_per_user": 2, "llm_loss_positions": "all", "gate_scope": "position",
+              "score_head": "residual"}  # fmt: skip
+    planned = [{"run_id": "iLoRA-seed2020-new", "row": "iLoRA", "kind": "llm", "budget": budget}]
+    folder = tmp_path / "runs" / "ml-100k"
+    folder.mkdir(parents=True)
+
+    def record(run_id, ndcg, seed=2020, **extra):
+        test = {"full": {"ndcg@10": ndcg}, "uni19": {"hit@1": 0.5}}
+        data = {"run_id": run_id, "row": "iLoRA", "seed": seed, "commit": "abc1234", "test": test, **extra}
+        (folder / f"{run_id}.json").write_text(json.dumps(data))
+
+    record("iLoRA-seed2020-new", 0.07, trained_targets=18693)  # the planned run: the tables', not an earlier one
+    record("iLoRA-seed2020-old", 0.04)  # recorded before issue 42: no targets, no budget
+    record("iLoRA-seed2021-old", 0.02, seed=2021)
+    record("iLoRA-seed2020-old.superseded-2026", 0.9)  # a superseded record is never shown
+    lines = grid.earlier_lines("ml-100k", planned, tmp_path)
+    (row,) = [line for line in lines if line.startswith("| iLoRA |")]
+    assert "1 most recent training sequence, the label only, per-sequence gate, plain head" in row
+    assert "| 2020, 2021 | 0.0300 ± 0.0141 |" in row  # the two earlier seeds only
+    assert grid.budgets_line([json.loads((folder / "iLoRA-seed2020-new.json").read_text())], planned) == (
+        "iLoRA: 1 epoch(s), batch 16; each user's 2 most recent training windows (18,693 targets), a loss at every "
+        "position, per-position gate, residual head"
+    )
+    # a record with targets but no budget, planned nowhere, cannot be labelled: an error, not a wrong label
+    with pytest.raises(ValueError, match="no budget"):
+        grid.record_budget({"run_id": "x", "row": "iLoRA", "trained_targets": 5})
