@@ -207,6 +207,86 @@ def check_resume(config):
         config["sasrec_checkpoint"] = state["config"].get("sasrec_checkpoint")
 
 
+# Settings a warm start's checkpoint must share with the run it starts: its weights fit this adapter, gate and
+# projector only then (the scoring head is the head objective's and may be left out).
+WARM_START_KEYS = ("model", "dataset", "llm_backbone", "lora_num_experts", "lora_expert_rank", "lora_target_modules",
+                   "gate_input")  # fmt: skip
+
+
+def file_digest(path):
+    import hashlib
+
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_warm_start(config):
+    """``llm_init_checkpoint``, before any data is prepared: a checkpoint of a finished run of the same model on the
+    same data and backbone (:data:`WARM_START_KEYS`), whose trained adapter, gate and projector start this run (the
+    generative objective starting from what the head objective learnt, LLaRA's curriculum idea). The run reads the
+    SASRec encoder that run read (its projector maps that encoder's item embeddings): ``sasrec_checkpoint``, when
+    given, must be the same file. Returns the checkpoint, or None without the key."""
+    path = config["llm_init_checkpoint"]
+    if not path:
+        return None
+    if not issubclass(get_model(config["model"]), LLMSequentialRecommender):
+        raise ValueError(f"'llm_init_checkpoint' starts an LLM model's adapter; {config['model']} has none.")
+    if config["resume_checkpoint"]:
+        raise ValueError(
+            "'llm_init_checkpoint' starts a new run; 'resume_checkpoint' goes on with a killed one: set one."
+        )
+    checkpoint = safe_load(path, "llm_init_checkpoint")
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        raise ValueError(f"'llm_init_checkpoint' = {path!r} is not a model checkpoint (no config and state_dict).")
+    theirs = checkpoint["config"]
+    for key in WARM_START_KEYS:
+        if theirs.get(key) != config[key]:
+            raise ValueError(
+                f"'llm_init_checkpoint' = {path!r} was trained with {key} = {theirs.get(key)!r}, this run has "
+                f"{config[key]!r}: its weights do not fit this model."
+            )
+    encoder = theirs.get("sasrec_checkpoint")
+    if not config["sasrec_checkpoint"]:
+        if not encoder or not os.path.isfile(encoder):
+            raise FileNotFoundError(
+                f"'llm_init_checkpoint' = {path!r} read the SASRec encoder {encoder!r}, which is not here: set "
+                "'sasrec_checkpoint' to that encoder's file (its projector maps that encoder's item embeddings)."
+            )
+        config["sasrec_checkpoint"] = encoder
+    elif encoder and os.path.isfile(encoder) and file_digest(encoder) != file_digest(config["sasrec_checkpoint"]):
+        raise ValueError(
+            f"'sasrec_checkpoint' = {config['sasrec_checkpoint']!r} is not the encoder 'llm_init_checkpoint' = "
+            f"{path!r} was trained with ({encoder!r}): its projector would read other item embeddings."
+        )
+    return checkpoint
+
+
+def warm_start(model, checkpoint, path):
+    """Copy ``checkpoint``'s trained parameters into ``model``: every trainable parameter of the same name and shape;
+    all but the scoring head must be there (an error otherwise). Returns the names loaded and those left as built."""
+    state = checkpoint["state_dict"]
+    parameters = dict(model.named_parameters())
+    loaded, fresh = [], []
+    with torch.no_grad():
+        for name in sorted(model.trainable_parameter_names()):
+            if name in state and state[name].shape == parameters[name].shape:
+                parameters[name].copy_(state[name])
+                loaded.append(name)
+            else:
+                fresh.append(name)
+    missing = [name for name in fresh if not name.startswith("score_head.")]
+    if missing:
+        raise ValueError(
+            f"'llm_init_checkpoint' = {path!r} lacks {len(missing)} of this model's trained parameters (or holds "
+            f"them in another shape): {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+        )
+    getLogger().info(
+        f"Warm start from {path}: {len(loaded)} trained tensors loaded"
+        + (f"; {', '.join(fresh)} start as built" if fresh else "")
+    )
+    return loaded, fresh
+
+
 def prepare_model(config, train_data, show_progress=False, timings=None):
     """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one
     (``timings``, a dict, receives the seconds of ``sasrec_pretraining`` and ``model_building``)."""
@@ -358,6 +438,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     check_dataset(config)
     check_lapse_config(config)
     check_resume(config)
+    warm = check_warm_start(config)
     started = time.perf_counter()
     dataset = create_filtered_dataset(config)
     if verbose:
@@ -367,6 +448,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     show_progress = config["show_progress"] if verbose else False
 
     model = prepare_model(config, train_data, show_progress, timings)
+    if warm is not None:
+        warm_start(model, warm, config["llm_init_checkpoint"])
     if prepare is not None:
         prepare(model)
     if hasattr(model, "attach_splits"):  # the whole splits: a user's candidates exclude all of the user's items

@@ -394,3 +394,67 @@ def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasre
     answers_file.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="generations.jsonl line 4 answers user"):
         objective_function(config_dict=resumed)
+
+
+def head_run_checkpoint(path, sasrec_checkpoint, llm_cache, **overrides):
+    """A head-objective iLoRA checkpoint as a finished run saves it (config and trained parameters), its trained
+    parameters random so that a copy is told from a fresh build."""
+    from recbole_ilora._compat import atomic_torch_save, plain_config
+
+    config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, **overrides)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = iLoRA(config, train_data._dataset)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    atomic_torch_save({"config": plain_config(config), "state_dict": model.state_dict()}, str(path))
+    return model.state_dict()
+
+
+def test_a_generative_run_starts_from_a_head_runs_adapter_gate_and_projector(
+    sasrec_checkpoint, llm_cache, tmp_path, monkeypatch
+):
+    import recbole_ilora.quick_start as quick_start
+
+    head = head_run_checkpoint(tmp_path / "head.pth", sasrec_checkpoint, llm_cache)
+    config = {**TINY, **GENERATIVE, "model": "iLoRA", "epochs": 1, "test_modes": ["uni19"], "llm_cache_dir": llm_cache}
+    config["llm_init_checkpoint"] = str(tmp_path / "head.pth")  # no sasrec_checkpoint: the head run's is read
+    started = {}
+
+    def warm_start_then_stop(model, checkpoint, path):
+        loaded, fresh = original(model, checkpoint, path)
+        started.update(state=model.state_dict(), loaded=loaded, fresh=fresh)
+        raise KeyboardInterrupt  # the run's wiring is what is tested here, not a generative epoch
+
+    def prepare_model(config, *args, **kwargs):
+        started["encoder"] = config["sasrec_checkpoint"]
+        return built(config, *args, **kwargs)
+
+    original, built = quick_start.warm_start, quick_start.prepare_model
+    monkeypatch.setattr(quick_start, "warm_start", warm_start_then_stop)
+    monkeypatch.setattr(quick_start, "prepare_model", prepare_model)
+    with pytest.raises(KeyboardInterrupt):
+        objective_function(config_dict=config)
+    assert started["encoder"] == sasrec_checkpoint
+    assert set(started["state"]) == set(head) and started["fresh"] == []  # the head too: the same shape here
+    for name, value in head.items():
+        assert torch.equal(started["state"][name], value), name
+
+
+def test_a_warm_start_that_does_not_fit_stops_before_any_data_or_training(sasrec_checkpoint, llm_cache, tmp_path):
+    head_run_checkpoint(tmp_path / "head.pth", sasrec_checkpoint, llm_cache)
+    config = {**TINY, **GENERATIVE, "model": "iLoRA", "llm_cache_dir": llm_cache}
+    with pytest.raises(ValueError, match="'llm_init_checkpoint' .* lora_num_experts = 4, this run has 2"):
+        objective_function(config_dict={**config, "llm_init_checkpoint": str(tmp_path / "head.pth"),
+                                        "lora_num_experts": 2})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="'llm_init_checkpoint' = .*nothing.pth"):
+        objective_function(config_dict={**config, "llm_init_checkpoint": str(tmp_path / "nothing.pth")})
+    other = tmp_path / "other-sasrec.pth"
+    other.write_bytes(open(sasrec_checkpoint, "rb").read() + b"\0")  # another encoder file's bytes
+    with pytest.raises(ValueError, match="is not the encoder 'llm_init_checkpoint'"):
+        objective_function(
+            config_dict={**config, "llm_init_checkpoint": str(tmp_path / "head.pth"), "sasrec_checkpoint": str(other)}
+        )
+    assert not list(Path("saved").glob("*.pth"))  # refused before any training
