@@ -458,3 +458,30 @@ def test_a_warm_start_that_does_not_fit_stops_before_any_data_or_training(sasrec
             config_dict={**config, "llm_init_checkpoint": str(tmp_path / "head.pth"), "sasrec_checkpoint": str(other)}
         )
     assert not list(Path("saved").glob("*.pth"))  # refused before any training
+
+
+def test_the_generative_objective_is_blind_to_the_head_objectives_keys(sasrec_checkpoint, llm_cache):
+    # The grid leaves llm_loss_positions, gate_scope and score_head out of a generative run's hash (its runs recorded
+    # before those keys stay valid): the objective must not read them.
+    losses, gradients = [], []
+    for head_keys in (
+        {"llm_loss_positions": "last", "gate_scope": "sequence", "score_head": "plain"},
+        {"llm_loss_positions": "all", "gate_scope": "position", "score_head": "residual"},
+    ):
+        config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, **GENERATIVE, **head_keys)
+        splits = data_preparation(config, create_dataset(config))
+        train_data = splits[0]
+        init_seed(config["seed"], config["reproducibility"])
+        model = iLoRA(config, train_data._dataset)
+        model.attach_splits(*splits)
+        init_seed(config["seed"], config["reproducibility"])  # the candidates of the answer prompts are sampled
+        loss = model.calculate_loss(next(iter(train_data)))
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "score_head" not in n}
+        )
+    assert losses[0] == losses[1]
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
+    for name, gradient in gradients[0].items():
+        assert torch.equal(gradient, gradients[1][name]), name
