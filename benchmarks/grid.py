@@ -53,7 +53,7 @@ from pathlib import Path
 STARTED = time.time()
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's recbole_ilora, even where another one is installed
-from machine import git_commit, hardware  # noqa: E402  (benchmarks/machine.py, next to this script)
+from machine import git_commit, hardware, uncommitted_changes  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 PROPERTIES = REPO / "properties"
 BASELINE_BUDGET = PROPERTIES / "benchmark" / "baselines.yaml"
@@ -505,6 +505,7 @@ def execute(runs, output, work, after_each=None):
                     failed.append(run["run_id"])
                     continue
                 spec["encoder_file"] = str(run_file(output, encoder_run))
+            refuse_uncommitted(output)
             spec_path = work / "logs" / f"{run['run_id']}.spec.json"
             spec.update(earlier_attempt(work, run["run_id"], continual=run["kind"] == "continual"))
             spec_path.write_text(json.dumps(spec, indent=1))
@@ -529,6 +530,20 @@ def execute(runs, output, work, after_each=None):
         if after_each:
             after_each()
     return failed
+
+
+def refuse_uncommitted(output):
+    """Stop before a run whose record would go to the committed results (``<repo>/results`` and below) while the
+    package, properties or benchmarks have uncommitted changes: its figures would be no commit's. Runs written
+    elsewhere (``--quick``, a scratch ``--output``) go on, their records marked ``+uncommitted``."""
+    if not Path(output).resolve().is_relative_to((REPO / "results").resolve()):
+        return
+    changes = uncommitted_changes()
+    if changes:
+        raise SystemExit(
+            f"Refusing to record a run into {output}: uncommitted changes to {', '.join(changes)}. Commit them (or "
+            "stash them) and rerun the grid: finished runs are kept and an interrupted one resumes."
+        )
 
 
 def earlier_attempt(work, run_id, continual=False):
@@ -878,6 +893,7 @@ def render_lapse(dataset, planned, by_row, quick, done):
     modes = ["full", "uni100"]
     out = [f"# {dataset} under temporal shift: the lapse protocol (L = {lapse})", ""]
     out += incomplete_grid_lines(len(done), len(planned), 0)
+    out += uncommitted_lines(done)
     out += [
         f"Produced by `{command}`; commits {', '.join(sorted({r['commit'] for r in done})) or '–'}, on "
         f"{'; '.join(sorted({r['hardware'] for r in done})) or '–'}. Each user's events in time order: training on "
@@ -914,7 +930,9 @@ def render_lapse(dataset, planned, by_row, quick, done):
                 cells.append(fmt(*mean_std(values)))
         epochs = ", ".join(str(r.get("epochs_run", "–")) for r in sorted(records, key=lambda r: r["seed"]))
         minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
-        out.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {epochs} | {minutes:.1f} |")
+        out.append(
+            f"| {row_label(row, records)} | {len(records)} | " + " | ".join(cells) + f" | {epochs} | {minutes:.1f} |"
+        )
     out += ["", "## The paper's claim: CaseQ's drop is smaller than its backbone's", ""]
     out += ["| unit | CaseQ's drop | the backbone's drop | verdict |", "|---|---|---|---|"]
     for caseq, backbone in (("CaseQ", "SASRec"), ("CaseQ-gru", "GRU4Rec")):
@@ -967,6 +985,7 @@ def render_continual(dataset, planned, by_row, quick, done):
         budget = f"{epochs} epoch(s) on each user's {per_user} most recent training sequence(s) in each block"
     out = [f"# {dataset}: continual training over {blocks} time blocks (PESO's setting)", ""]
     out += incomplete_grid_lines(len(done), len(planned), 0)
+    out += uncommitted_lines(done)
     out += [
         f"Produced by `{command}` (one process per core; rerun to resume: a killed run restarts at its block); commits "
         f"{', '.join(sorted({r['commit'] for r in done})) or '–'}, on "
@@ -993,7 +1012,7 @@ def render_continual(dataset, planned, by_row, quick, done):
                 cells.append(fmt(*mean_std(values)) if values else "–")
             later = [v for r in records if (v := later_mean(r, mode, metric)) is not None]
             cells.append(f"**{fmt(*mean_std(later))}**" if later else "–")
-            out.append(f"| {row} | {len(records)} | " + " | ".join(cells) + " |")
+            out.append(f"| {row_label(row, records)} | {len(records)} | " + " | ".join(cells) + " |")
         out.append("")
     out += ["## The paper's claim: PESO beats single evolving LoRA and cumulative retraining", ""]
     out += [
@@ -1222,7 +1241,10 @@ def protocol_table(by_row, metrics, section, rows):
         minutes = statistics.fmean(r["wall_seconds"] for r in records) / 60
         timed = [r["cpu_seconds"] for r in records if "cpu_seconds" in r]
         cpu = f"{statistics.fmean(timed) / 60:.1f}" if timed else "–"
-        lines.append(f"| {row} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} | {cpu} |")
+        lines.append(
+            f"| {row_label(row, records)} | {len(records)} | " + " | ".join(cells) + f" | {params:,} | {minutes:.1f} | "
+            f"{cpu} |"
+        )
     return "\n".join(lines)
 
 
@@ -1347,6 +1369,7 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
     command += f" --datasets {dataset} --seeds {' '.join(map(str, seeds))}"
     out = [f"# {dataset}: iLoRA, uniform LoRA and RecBole's sequential baselines", ""]
     out += incomplete_grid_lines(len(done), len(planned), len(stale))
+    out += uncommitted_lines(done)
     out += [
         f"Produced by `{command}` (rows: {', '.join(by_row)}), commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(f'`{c}`' for c in commits) or '–'}, on {'; '.join(machines) or '–'}. "
@@ -1642,6 +1665,27 @@ def default_rows(backbone):
 def backbone_line(planned):
     names = sorted({run["backbone"] for run in planned if run.get("backbone")})
     return "; ".join(f"`{name}`, {BACKBONES[name]}" for name in names) or "no LLM row"
+
+
+UNCOMMITTED = "+uncommitted"  # a record's commit ends so when its worker ran from a tree with uncommitted changes
+
+
+def row_label(row, records):
+    """``row``, marked † when one of its runs was recorded from a working tree with uncommitted changes."""
+    return f"{row} †" if any(record.get("commit", "").endswith(UNCOMMITTED) for record in records) else row
+
+
+def uncommitted_lines(records):
+    """A footnote naming the runs marked † (:func:`row_label`); none without such runs."""
+    runs = sorted(record["run_id"] for record in records if record.get("commit", "").endswith(UNCOMMITTED))
+    if not runs:
+        return []
+    return [
+        f"† {len(runs)} run(s) of the row were recorded from a working tree with uncommitted changes to the package, "
+        "properties or benchmarks (before the grid refused such trees): their code is no commit exactly, their "
+        f"figures are kept and marked: {', '.join(f'`{run}`' for run in runs)}.",
+        "",
+    ]
 
 
 def incomplete_grid_lines(finished, planned, stale):

@@ -23,12 +23,20 @@ def hardware():
     return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+# What a figure depends on: a change here that is not committed makes the figure no commit's.
+TRACKED = ("recbole_ilora", "properties", "benchmarks")
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def uncommitted_changes():
+    """Tracked files of the package, properties or benchmarks that differ from the checkout's commit."""
+    return git("diff", "--name-only", "HEAD", "--", *TRACKED).splitlines()  # staged or not
+
+
 def git_commit():
     """The checkout's short commit, '+uncommitted' when the code or properties differ from it."""
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "recbole_ilora", "properties", "benchmarks")
-    return commit + ("+uncommitted" if dirty else "")
+    return commit + ("+uncommitted" if uncommitted_changes() else "")

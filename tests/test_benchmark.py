@@ -969,3 +969,45 @@ def test_earlier_llm_records_are_reported_apart_with_the_budget_they_trained_wit
     # a record with targets but no budget, planned nowhere, cannot be labelled: an error, not a wrong label
     with pytest.raises(ValueError, match="no budget"):
         grid.record_budget({"run_id": "x", "row": "iLoRA", "trained_targets": 5})
+
+
+def test_the_grid_refuses_to_record_into_the_results_from_a_tree_with_uncommitted_changes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+    import machine
+
+    repo = tmp_path / "repo"
+    (repo / "recbole_ilora").mkdir(parents=True)
+    (repo / "recbole_ilora" / "model.py").write_text("A = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(machine, "REPO", repo)
+    (repo / "notes.txt").write_text("untracked, outside the package\n")
+    (repo / "recbole_ilora" / "new.py").write_text("untracked\n")
+    assert machine.uncommitted_changes() == [] and not machine.git_commit().endswith("+uncommitted")
+    (repo / "recbole_ilora" / "model.py").write_text("A = 2\n")
+    assert machine.uncommitted_changes() == ["recbole_ilora/model.py"]
+    assert machine.git_commit().endswith("+uncommitted")
+
+    monkeypatch.setattr(grid, "uncommitted_changes", machine.uncommitted_changes)
+    with pytest.raises(SystemExit, match="Refusing to record a run .*recbole_ilora/model.py"):
+        grid.refuse_uncommitted(REPO_ROOT / "results" / "lapse")
+    grid.refuse_uncommitted(tmp_path / "scratch")  # a scratch folder's records are marked instead
+
+
+def test_runs_from_uncommitted_trees_are_marked_in_the_tables(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def record(seed, commit):
+        return {"run_id": f"SASRec-seed{seed}-h", "seed": seed, "commit": commit, "test": {"full": {"ndcg@10": 0.1}},
+                "trainable_parameters": 10, "wall_seconds": 60}  # fmt: skip
+
+    by_row = {"SASRec": [record(2020, "abc1234+uncommitted"), record(2021, "abc1234")], "Pop": [record(2020, "d")]}
+    table = grid.protocol_table(by_row, ["ndcg@10"], lambda r: r["test"]["full"], ["SASRec", "Pop"])
+    assert "| SASRec † | 2 |" in table and "| Pop | 1 |" in table
+    (note, _) = grid.uncommitted_lines([r for records in by_row.values() for r in records])
+    assert note.startswith("† 1 run(s)") and "`SASRec-seed2020-h`" in note
+    assert grid.uncommitted_lines(by_row["Pop"]) == []
