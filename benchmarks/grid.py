@@ -619,7 +619,7 @@ def worker(spec_path):
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line; this one is ours
     from recbole.utils import init_logger, init_seed
 
-    from recbole_ilora.quick_start import sasrec_pretraining_config, train_and_evaluate
+    from recbole_ilora.quick_start import log_provenance, sasrec_pretraining_config, train_and_evaluate
 
     config_dict = dict(spec["config_dict"])
     if spec.get("encoder_file"):
@@ -629,6 +629,7 @@ def worker(spec_path):
     config = resolve_config(spec["model"], spec["dataset"], spec["config_files"], config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
+    log_provenance()  # the run's log names its code, machine and libraries
     if spec["kind"] == "encoder":
         config = sasrec_pretraining_config(config)
     if spec["kind"] == "continual":
@@ -643,6 +644,7 @@ def worker(spec_path):
         "epochs_run": result["epochs_run"],
         "stopped_early": result["stopped_early"],
         "timings": result["timings"],
+        "cpu_timings": result["cpu_timings"],
         "best_valid_score": result["best_valid_score"],
         "valid": dict(result["best_valid_result"] or {}),  # empty when validation was skipped (eval_step 0)
         "test": {mode: dict(metrics) for mode, metrics in result["test_results"].items()},

@@ -15,12 +15,10 @@ with ``seed`` before each mode).
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
 from logging import getLogger
 
 import numpy as np
@@ -37,6 +35,7 @@ from recbole_ilora._compat import safe_load
 from recbole_ilora.config import Config
 from recbole_ilora.lapse import apply_lapse, check_lapse_config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+from recbole_ilora.provenance import PhaseTimes, phase, provenance_lines
 from recbole_ilora.trainer import (
     claim_checkpoint_file,
     first_process_value,
@@ -290,16 +289,14 @@ def warm_start(model, checkpoint, path):
 def prepare_model(config, train_data, show_progress=False, timings=None):
     """Build the model named by ``config['model']``, pretraining its SASRec encoder first when it needs one
     (``timings``, a dict, receives the seconds of ``sasrec_pretraining`` and ``model_building``)."""
-    timings = {} if timings is None else timings
+    timings = PhaseTimes() if timings is None else timings
     model_class = get_model(config["model"])  # its check_config ran in train_and_evaluate, before any data
-    started = time.perf_counter()
-    if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
-        config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)
-    timings["sasrec_pretraining"] = time.perf_counter() - started
-    started = time.perf_counter()
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = model_class(config, train_data._dataset).to(config["device"])
-    timings["model_building"] = time.perf_counter() - started
+    with phase(timings, "sasrec_pretraining"):
+        if issubclass(model_class, LLMSequentialRecommender) and not config["sasrec_checkpoint"]:
+            config["sasrec_checkpoint"] = pretrain_sasrec(config, show_progress)
+    with phase(timings, "model_building"):
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model = model_class(config, train_data._dataset).to(config["device"])
     return model
 
 
@@ -431,7 +428,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     ``prepare(model)``, if given, runs on the built model before training (a continual run loads the previous
     block's weights and anchors the adapter there)."""
     logger = getLogger()
-    timings = {}
+    timings = PhaseTimes()
     model_class = get_model(config["model"])
     if issubclass(model_class, LLMSequentialRecommender):
         model_class.check_config(config)  # before any data is prepared
@@ -439,12 +436,11 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     check_lapse_config(config)
     check_resume(config)
     warm = check_warm_start(config)
-    started = time.perf_counter()
-    dataset = create_filtered_dataset(config)
-    if verbose:
-        logger.info(dataset)
-    train_data, valid_data, test_data = prepare_data(config, dataset)
-    timings["data_preparation"] = time.perf_counter() - started
+    with phase(timings, "data_preparation"):
+        dataset = create_filtered_dataset(config)
+        if verbose:
+            logger.info(dataset)
+        train_data, valid_data, test_data = prepare_data(config, dataset)
     show_progress = config["show_progress"] if verbose else False
 
     model = prepare_model(config, train_data, show_progress, timings)
@@ -464,48 +460,45 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
     with own_checkpoint_file(config, trainer, saved):
         if config["resume_checkpoint"]:
             trainer.resume_checkpoint(config["resume_checkpoint"])
-        started = time.perf_counter()
-        best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
-        )
-        timings["training"] = time.perf_counter() - started  # with RecBole's validation after each epoch
+        with phase(timings, "training"):  # with RecBole's validation after each epoch
+            best_valid_score, best_valid_result = trainer.fit(
+                train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
+            )
         epochs_run = getattr(trainer, "epochs_trained", None)  # the plugin's trainer counts a resumed run's epochs
         if epochs_run is None:
             epochs_run = max(trainer.train_loss_dict) + 1 if trainer.train_loss_dict else trainer.start_epoch
-        started = time.perf_counter()
-        # A generative run's tests take about an hour on a CPU, so they are journaled next to the checkpoint that
-        # names their weights: a killed run, resumed from its finished training, goes on where they were. A run that
-        # trained in this process starts them afresh.
-        journaled = saved and config["single_spec"] and getattr(model, "generative", False)
-        fresh = bool(trainer.train_loss_dict)
-        with contextlib.ExitStack() as tests:
-            if isinstance(model, LLMSequentialRecommender):  # every test mode scores the same test histories with
-                tests.enter_context(model.reusing_encodings())  # the same weights: each is encoded once
-            if journaled:
-                scores_file = test_journal_file(trainer.saved_model_file, "test_scores")
-                tests.enter_context(model.journaling_scores(scores_file, fresh=fresh))
-            own_mode = recbole_test_mode(config)
-            if own_mode is not None:  # RecBole's test is one of the test modes: run it once, on the seeded loader
-                test_data = protocol_test_data(config, own_mode)
-                init_seed(config["seed"], config["reproducibility"])
-            test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
-            known = {own_mode: test_result} if own_mode is not None else None
-            test_results = evaluate_test_modes(config, trainer, show_progress, known=known)
-        generative_result = None
-        if getattr(model, "generative", False):
-            from recbole_ilora.generative import evaluate_generation
+        with phase(timings, "testing"):
+            # A generative run's tests take about an hour on a CPU, so they are journaled next to the checkpoint that
+            # names their weights: a killed run, resumed from its finished training, goes on where they were. A run that
+            # trained in this process starts them afresh.
+            journaled = saved and config["single_spec"] and getattr(model, "generative", False)
+            fresh = bool(trainer.train_loss_dict)
+            with contextlib.ExitStack() as tests:
+                if isinstance(model, LLMSequentialRecommender):  # every test mode scores the same test histories with
+                    tests.enter_context(model.reusing_encodings())  # the same weights: each is encoded once
+                if journaled:
+                    scores_file = test_journal_file(trainer.saved_model_file, "test_scores")
+                    tests.enter_context(model.journaling_scores(scores_file, fresh=fresh))
+                own_mode = recbole_test_mode(config)
+                if own_mode is not None:  # RecBole's test is one of the test modes: run it once, on the seeded loader
+                    test_data = protocol_test_data(config, own_mode)
+                    init_seed(config["seed"], config["reproducibility"])
+                test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
+                known = {own_mode: test_result} if own_mode is not None else None
+                test_results = evaluate_test_modes(config, trainer, show_progress, known=known)
+            generative_result = None
+            if getattr(model, "generative", False):
+                from recbole_ilora.generative import evaluate_generation
 
-            answers_file = test_journal_file(trainer.saved_model_file, "generations") if journaled else None
-            generative_result = evaluate_generation(
-                config, model, output_file=answers_file, show_progress=show_progress, resume=journaled and not fresh
-            )
-        timings["testing"] = time.perf_counter() - started
+                answers_file = test_journal_file(trainer.saved_model_file, "generations") if journaled else None
+                generative_result = evaluate_generation(
+                    config, model, output_file=answers_file, show_progress=show_progress, resume=journaled and not fresh
+                )
     encoder_result, encoder_results = None, None
     if isinstance(model, LLMSequentialRecommender) and config["single_spec"]:  # (several processes: not yet)
-        started = time.perf_counter()
-        encoder_result, encoder_results = evaluate_encoder(config, model, test_data, show_progress)
-        timings["encoder_testing"] = time.perf_counter() - started
-    logger.info(set_color("timings (s)", "yellow") + ": " + json.dumps({k: round(v, 2) for k, v in timings.items()}))
+        with phase(timings, "encoder_testing"):
+            encoder_result, encoder_results = evaluate_encoder(config, model, test_data, show_progress)
+    logger.info(set_color("timings (s, wall / CPU)", "yellow") + ": " + timings.summary())
     if verbose:
         logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -521,7 +514,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "encoder_test_result": encoder_result,  # an LLM model's frozen SASRec on the same test (None otherwise)
         "encoder_test_results": encoder_results,  # ... and on every test mode
         "saved_model_file": trainer.saved_model_file if saved else None,
-        "timings": timings,
+        "timings": dict(timings),  # wall seconds per phase
+        "cpu_timings": dict(timings.cpu),  # the process's CPU seconds per phase (all its threads)
         "model_summary": model.training_summary() if hasattr(model, "training_summary") else None,
         "train_losses": [float(trainer.train_loss_dict[epoch]) for epoch in sorted(trainer.train_loss_dict)],
         "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
@@ -531,6 +525,12 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "trained_targets": trained_targets,  # an LLM model's training targets per epoch (every position: per window)
         "block_statistics": getattr(dataset, "block_stats", None),  # a continual run's block: users, sequences
     }
+
+
+def log_provenance(logger=None):
+    """Log the run's provenance header (code, machine, libraries: :func:`provenance_lines`)."""
+    for line in provenance_lines():
+        (logger or getLogger()).info(set_color(line.split(":", 1)[0], "yellow") + ":" + line.split(":", 1)[1])
 
 
 def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
@@ -546,6 +546,7 @@ def run_recbole_ilora(model=None, dataset=None, config_file_list=None, config_di
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
+    log_provenance(logger)
     logger.info(sys.argv)
     logger.info(config)
     if config["continual"]:

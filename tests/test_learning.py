@@ -51,20 +51,7 @@ def settings(data_path, model, **overrides):
 def hit_at_1_from_scores(model, test_data):
     """Hit@1 recomputed here from the model's full-ranking scores (the padding item and each user's history
     excluded, as RecBole does), independently of RecBole's evaluator."""
-    hits, users = 0, 0
-    model.eval()
-    with torch.no_grad():
-        for interaction, history_index, positive_u, positive_i in test_data:
-            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
-            scores[:, 0] = -np.inf
-            if history_index is not None:
-                scores[history_index] = -np.inf
-            top = scores.argmax(1)
-            target = torch.zeros_like(scores, dtype=torch.bool)
-            target[positive_u, positive_i] = True
-            hits += int(target[torch.arange(len(top)), top].sum())
-            users += len(top)
-    return hits / users
+    return hit_at_k_from_scores(model, test_data, 1)
 
 
 @pytest.mark.parametrize("model_name", ["SASRec", "CaseQ", "iLoRA"])
@@ -77,6 +64,50 @@ def test_trained_model_finds_the_next_item_and_recbole_agrees_with_its_scores(cy
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     assert hit_at_1_from_scores(model, test_data) == pytest.approx(recbole_hit, abs=5e-5)  # RecBole rounds to 4 places
     assert recbole_hit >= 0.8, result["test_result"]  # the next item is determined by the last one
+
+
+def hit_at_k_from_scores(model, test_data, k):
+    """Hit@k from the model's full-ranking scores (the padding item and each user's history excluded, as RecBole
+    does), independently of RecBole's evaluator."""
+    hits, users = 0, 0
+    model.eval()
+    with torch.no_grad():
+        for interaction, history_index, positive_u, positive_i in test_data:
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+            scores[:, 0] = -np.inf
+            if history_index is not None:
+                scores[history_index] = -np.inf
+            top = scores.topk(k, dim=1).indices  # [B, k]
+            target = torch.zeros_like(scores, dtype=torch.bool)
+            target[positive_u, positive_i] = True
+            hits += int(target.gather(1, top).any(1).sum())
+            users += len(top)
+    return hits / users
+
+
+@pytest.mark.parametrize("model_name", ["BPR", "FPMC"])
+def test_pairwise_recbole_models_learn_through_the_runner(cycle_data, model_name):
+    """RecBole's pairwise models, with the negative sampling the plugin's dataset settings once switched off: FPMC's
+    item-to-item transitions find the next item as the sequential models do; BPR, blind to order, can only find the
+    neighbourhood of the user's window (the target and the items just before the window co-occur most with it): the
+    target among its top 5 of the 19 unseen items (5 in 19 by chance), and untrained, it does not."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_ilora.config import Config
+    from recbole_ilora.utils import get_model
+
+    config_dict = {k: v for k, v in settings(cycle_data, model_name, epochs=30).items() if k != "train_neg_sample_args"}
+    result = objective_function(config_dict=config_dict)
+    if model_name == "FPMC":
+        assert result["test_result"]["hit@1"] >= 0.8, result["test_result"]  # the next item follows from the last
+    else:
+        assert result["test_result"]["hit@5"] >= 0.8, result["test_result"]
+        config = Config(model=model_name, config_dict=config_dict)
+        _, _, test_data = data_preparation(config, create_dataset(config))
+        init_seed(config["seed"], config["reproducibility"])
+        untrained = get_model(model_name)(config, test_data._dataset)
+        assert hit_at_k_from_scores(untrained, test_data, 5) <= 0.5  # 5 in 19 by chance
 
 
 def test_untrained_ilora_does_not_find_the_next_item(cycle_data):

@@ -1,5 +1,6 @@
 """The command-line runner, as a user calls it: -m/-d, --config_files and --key=value overrides."""
 
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,15 @@ def test_runner_trains_a_recbole_baseline_with_config_files_and_overrides(tmp_pa
     output = result.stdout + result.stderr
     assert "test result" in output and "hit@5" in output and "hit@10" not in output  # --topk override applied
     assert len(list((tmp_path / "saved").glob("SASRec-*.pth"))) == 1
+    # the run's own log says what produced its figures: code, machine, threads, and each phase's wall and CPU time
+    (log,) = (tmp_path / "log" / "SASRec").glob("*.log")
+    text = log.read_text(encoding="utf-8")
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (an installed copy names its version instead)
+        assert f"Code: commit {head.stdout.strip()}" in text
+    assert f"Machine: {os.cpu_count()} x " in text and "Libraries: python " in text and " threads), recbole " in text
+    (timings,) = [line for line in text.splitlines() if "timings (s, wall / CPU)" in line]
+    assert "data_preparation " in timings and "training " in timings and "testing " in timings
 
 
 def test_runner_reports_an_unknown_model(tmp_path):
@@ -42,19 +52,17 @@ def test_runner_reports_an_unknown_model(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["BPR", "FPMC"])
-def test_pairwise_models_train_through_the_runner(model):
+def test_pairwise_models_get_recboles_negative_sampling(model):
     """A pairwise general (BPR) and sequential (FPMC) model need RecBole's negative sampling, which the plugin's
     dataset settings used to switch off for every model (KeyError: 'neg_item_id'); CE models get None."""
     from conftest import TINY
 
     from recbole_ilora.config import Config
-    from recbole_ilora.quick_start import objective_function
 
     settings = {key: value for key, value in TINY.items() if key != "train_neg_sample_args"}
     assert Config(model=model, config_dict=settings)["train_neg_sample_args"]["distribution"] == "uniform"
     assert Config(model="SASRec", config_dict=settings)["train_neg_sample_args"]["distribution"] == "none"
-    result = objective_function(config_dict={**settings, "model": model, "epochs": 1})
-    assert result["model"] == model and "ndcg@10" in result["test_result"]  # it trained and tested (it used to crash)
+    # that they learn through the runner: tests/test_learning.py (the cycle fixture)
 
 
 def test_full_ranking_batches_are_bounded_by_full_sort_max_scores_and_rank_alike(sasrec_checkpoint):
@@ -84,3 +92,40 @@ def test_full_ranking_batches_are_bounded_by_full_sort_max_scores_and_rank_alike
     assert trainer.evaluate(bounded_full_sort(small, valid_data), load_best_model=False) == trainer.evaluate(
         valid_data, load_best_model=False
     )
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "AMX bfloat16"),  # Intel Xeon (Sapphire Rapids)
+        ({"avx2", "avx512f", "avx512_bf16"}, "avx512_bf16"),  # AMD EPYC (Zen 4)
+        ({"avx2", "fma"}, "AVX2, no bfloat16 units"),  # AMD EPYC (Zen 3): this repository's figures so far
+        ({"avx2", "avx512f"}, "AVX-512, no bfloat16 units"),
+    ],
+)
+def test_the_machine_line_says_which_bfloat16_units_the_cpu_has(flags, expected):
+    from recbole_ilora.provenance import bf16_units
+
+    assert bf16_units(flags) == expected
+
+
+def test_an_installed_copy_names_its_version_and_phases_keep_wall_and_cpu_time_apart(tmp_path, monkeypatch):
+    import time
+
+    import recbole_ilora
+    from recbole_ilora import provenance
+
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", tmp_path / "site-packages" / "recbole_ilora")  # no checkout
+    (tmp_path / "site-packages" / "recbole_ilora").mkdir(parents=True)
+    version = provenance.code_version()
+    assert version.startswith("recbole-ilora ") and "no checkout" in version
+    assert recbole_ilora.__version__ in version
+    timings = provenance.PhaseTimes()
+    with provenance.phase(timings, "waiting"):
+        time.sleep(0.3)  # wall time, next to no CPU
+    with provenance.phase(timings, "working"):
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:  # CPU time
+            pass
+    assert timings["waiting"] >= 0.3 and timings.cpu["waiting"] < 0.15
+    assert timings.cpu["working"] >= 0.3 and set(timings) == set(timings.cpu) == {"waiting", "working"}
