@@ -2,26 +2,32 @@
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from conftest import TINY, tiny_config
 from recbole.data import create_dataset, data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.interaction import Interaction
+from test_learning import hit_at_k_from_scores
 
 from recbole_ilora.model import iLoRA
-from recbole_ilora.quick_start import objective_function
+from recbole_ilora.quick_start import load_data_and_model, objective_function
 from recbole_ilora.trainer import LLMRecTrainer, training_state_file
 
 TRAINED_PREFIXES = ("llm.peft_model.", "gate_network.", "projector.", "score_head.")
 
 
-def assert_recbole_metrics(result, expected_keys):
-    """The run tested and returned RecBole's metrics (that they are right is tests/test_learning.py's job: a trained
-    model finds a learnable target, an untrained one does not, and RecBole agrees with the saved scores)."""
+def assert_recbole_metrics(result, expected_keys, recompute=True):
+    """The run tested and returned RecBole's metrics, and (``recompute``, a full-ranking test) they are the saved
+    model's: Hit@1 and Hit@5 of its full ranking, recomputed here from its scores, equal RecBole's (that a trained
+    model finds a learnable target and an untrained one does not is tests/test_learning.py's job)."""
     test = result["test_result"]
     assert set(expected_keys) <= set(test), sorted(test)
-    assert all(np.isfinite(value) for value in test.values()), test
+    if recompute:
+        _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+        assert isinstance(test_data, FullSortEvalDataLoader)
+        for k in (1, 5):
+            assert hit_at_k_from_scores(model, test_data, k) == pytest.approx(test[f"hit@{k}"], abs=5e-5), k
 
 
 def build(sasrec_checkpoint, llm_cache, **overrides):
@@ -49,8 +55,14 @@ def test_ilora_end_to_end_full_sort_with_sasrec_pretraining(llm_cache):
 def test_ilora_end_to_end_uni19(sasrec_checkpoint, llm_cache):
     config = {**TINY, "model": "iLoRA", "epochs": 1, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
     config["eval_args"] = {**TINY["eval_args"], "mode": "uni19"}
+    config["test_modes"] = ["uni19", "full"]
     result = objective_function(config_dict=config)
-    assert_recbole_metrics(result, ["hit@1", "ndcg@5"])
+    assert_recbole_metrics(result, ["hit@1", "ndcg@5"], recompute=False)
+    uni19, full = result["test_results"]["uni19"], result["test_results"]["full"]
+    assert result["test_result"] == uni19
+    for k in (1, 5, 10):  # the target among 20 candidates ranks no lower than among all items, user by user
+        assert uni19[f"hit@{k}"] >= full[f"hit@{k}"], k
+    assert uni19["hit@10"] > full["hit@10"]  # and strictly higher for some user: the candidates are fewer
 
 
 @pytest.mark.parametrize("mode", ["full", "uni19"])
