@@ -80,6 +80,23 @@ def test_same_seed_same_metrics_other_seed_other_metrics(sasrec_checkpoint, llm_
     assert other[1]["uni19"] != first[1]["uni19"]  # other candidates and another training order
 
 
+def test_two_processes_on_one_machine_train_bit_identical_weights_and_metrics(sasrec_checkpoint, llm_cache, tmp_path):
+    """What docs/reliability.md promises: the same code, seed and machine give the same figures in two processes,
+    end to end: the trained weights bit for bit, every loss, and every metric (another CPU may sum floats otherwise)."""
+    config = {**TINY, "model": "iLoRA", "epochs": 2, "test_modes": ["full", "uni19"]}
+    config.update(llm_train_sequences_per_user=8, sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache)
+    results, weights = [], []
+    for name in ("first", "second"):
+        process, result = run_in_subprocess({**config, "checkpoint_dir": f"saved-{name}"}, tmp_path, name)
+        assert process.returncode == 0, process.stderr[-3000:]
+        weights.append(safe_load(tmp_path / result.pop("saved_model_file"))["state_dict"])
+        results.append(result)
+    assert results[0] == results[1]  # valid, test, both test modes, every epoch's loss
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 def run_in_subprocess(config, tmp_path, name, kill_epoch=None):
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
