@@ -354,10 +354,47 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=No
     return result
 
 
+def head_target_lines(by_row, seeds=3):
+    """Issue 42's targets for the head rows: iLoRA's full NDCG@10 above SASRec's (mean over ``seeds`` seeds, with d in
+    pooled stds), and each LLM run against its own frozen encoder on the same test (the record's ``encoder_test``)."""
+    lines = []
+    mine, sasrec = (
+        summary(_row_records(by_row, "iLoRA"), full_ndcg10),
+        summary(_row_records(by_row, "SASRec"), full_ndcg10),
+    )
+    if mine and sasrec:
+        d = in_std_units(mine, sasrec)
+        figure = f"iLoRA {fmt_summary(mine)} vs SASRec {fmt_summary(sasrec)}" + (
+            f"; d = {d:+.1f}" if d is not None else ""
+        )
+        met = (
+            ("yes" if mine["mean"] > sasrec["mean"] else "no")
+            if mine["n"] >= seeds
+            else f"not yet ({mine['n']} of {seeds} seeds)"
+        )
+        lines.append(f"| full NDCG@10 above SASRec's (mean of {seeds} seeds) | iLoRA | {figure} | {met} |")
+    for row in ("iLoRA", "UniformLoRA"):
+        records = [r for r in _row_records(by_row, row) if (r.get("encoder_test") or {}).get("full")]
+        if not records:
+            continue
+        gains = summary(records, lambda r: full_ndcg10(r) - r["encoder_test"]["full"]["ndcg@10"])
+        per_seed = ", ".join(
+            f"{r['seed']}: {full_ndcg10(r):.4f} vs {r['encoder_test']['full']['ndcg@10']:.4f}"
+            for r in sorted(records, key=lambda r: r["seed"])
+        )
+        met = "yes" if gains["mean"] >= 0 else "no"
+        lines.append(
+            f"| full NDCG@10 at or above its own frozen encoder's (same run) | {row} | {fmt_summary(gains)} "
+            f"(run - encoder; per seed {per_seed}) | {met} |"
+        )
+    return lines
+
+
 def targets_section(dataset, by_row, encoder_results):
     """The issue's targets: ValidRatio >= 0.95, and (ml-100k) generative iLoRA's HR@1 (all) >= its encoder's Hit@1 on
     the same candidate lists. ``encoder_results``: {seed: encoder_on_candidates(...) of iLoRA-generative's run}."""
     lines = ["## Targets", "", "| target | row | figure | met |", "|---|---|---|---|"]
+    lines += head_target_lines(by_row)
     for row in ("iLoRA-generative", "UniformLoRA-generative"):
         s = summary(_row_records(by_row, row), valid_ratio)
         if s:

@@ -1013,3 +1013,27 @@ def test_runs_from_uncommitted_trees_are_marked_in_the_tables(monkeypatch):
     (note, _) = grid.uncommitted_lines([r for records in by_row.values() for r in records])
     assert note.startswith("† 1 run(s)") and "`SASRec-seed2020-h`" in note
     assert grid.uncommitted_lines(by_row["Pop"]) == []
+
+
+def test_the_head_targets_compare_ilora_with_sasrec_over_seeds_and_each_run_with_its_own_encoder(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    def record(seed, ndcg, encoder=None):
+        return {"seed": seed, "test": {"full": {"ndcg@10": ndcg}},
+                **({"encoder_test": {"full": {"ndcg@10": encoder}}} if encoder is not None else {})}  # fmt: skip
+
+    sasrec = [record(2020, 0.05), record(2021, 0.06), record(2022, 0.07)]
+    ilora = [record(2020, 0.06, 0.05), record(2021, 0.08, 0.06)]
+    lines = claims.head_target_lines({"iLoRA": ilora, "SASRec": sasrec})
+    # two of three seeds: no verdict yet; the runs against their own encoders: +0.01 and +0.02, mean 0.015
+    assert lines[0].endswith("| not yet (2 of 3 seeds) |")
+    assert "| iLoRA | 0.0150 ± 0.0071 (2 seeds) (run - encoder; per seed 2020: 0.0600 vs 0.0500, 2021: 0.0800 vs " in (
+        lines[1]
+    ) and lines[1].endswith("| yes |")
+    ilora.append(record(2022, 0.04))  # a record without its encoder's test (before issue 42) counts for the first line
+    lines = claims.head_target_lines({"iLoRA": ilora, "SASRec": sasrec})
+    # iLoRA 0.06 ± 0.02, SASRec 0.06 ± 0.01: d = 0 / sqrt((0.02² + 0.01²) / 2) = 0, not above
+    assert "iLoRA 0.0600 ± 0.0200 (3 seeds) vs SASRec 0.0600 ± 0.0100 (3 seeds); d = +0.0" in lines[0]
+    assert lines[0].endswith("| no |")
+    assert claims.head_target_lines({"SASRec": sasrec}) == []
