@@ -29,6 +29,7 @@ from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_ilora._compat import atomic_torch_save, model_checkpoint, plain_config, safe_load
+from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 
 TRAINING_STATE_SUFFIX = ".training_state"
 
@@ -168,8 +169,10 @@ class LLMRecTrainer(Trainer):
         elif self._saving:
             self.save_training_state(epoch_idx, train_data)
         skip, self._resumed_batches = self._resumed_batches, 0
-        if skip and hasattr(self.model, "resume_within_epoch"):  # e.g. Laser keeps the item table of the epoch
-            self.model.resume_within_epoch()
+        if isinstance(self.model, LLMSequentialRecommender):
+            self.model.start_epoch(epoch_idx)  # e.g. Laser's phase
+            if skip:
+                self.model.resume_within_epoch()  # e.g. Laser keeps the item table of the epoch
         batches = _ResumableBatches(self, train_data, epoch_idx, skip)
         return super()._train_epoch(batches, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 

@@ -146,3 +146,64 @@ def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_
         figures = json.load(file)
     assert figures["sequences"] == 32
     assert figures["trained_cross_entropy"] < figures["untrained_cross_entropy"] - 0.05
+
+
+def laser_with(sasrec_checkpoint, llm_cache, **overrides):
+    settings = {**TINY, "model": "Laser", **SMALL, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    config = Config(model="Laser", config_dict={**settings, **overrides})
+    train, _, _ = prepare_data(config, create_dataset(config))
+    torch.manual_seed(0)
+    return Laser(config, train._dataset), next(iter(train))
+
+
+def test_the_first_phase_trains_the_item_side_and_the_table_phase_does_not(sasrec_checkpoint, llm_cache, monkeypatch):
+    model, batch = laser_with(sasrec_checkpoint, llm_cache, laser_phase1_epochs=1, laser_phase1_negatives=3)
+    model.train()
+    # the user side held fixed: what reaches the M-Former and the suffix then comes through the item side only
+    user = torch.randn(len(batch), model.llm_size)
+    probs = torch.zeros(len(batch), batch[model.ITEM_SEQ].shape[1], model.mformer.num_experts)
+    monkeypatch.setattr(model, "_user", lambda *args: (user, probs, None))
+    monkeypatch.setattr(model, "item_table", lambda: torch.randn(model.n_items, model.llm_size))
+    gradients = {}
+    for epoch in (0, 1):
+        model.start_epoch(epoch)
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        if loss.requires_grad:
+            loss.backward()
+        grads = [p.grad for p in model.mformer.parameters()] + [model.suffix.grad]
+        gradients[epoch] = sum(float(g.abs().sum()) for g in grads if g is not None)
+    assert model.epoch == 1 and not model.in_phase1
+    assert gradients[0] > 0  # phase 1 (epoch 0): the target's and the negatives' vectors carry gradients
+    assert gradients[1] == 0  # the table phase (epoch 1): the items are a fixed table
+
+
+def test_the_first_phase_loss_is_the_targets_cross_entropy_among_its_negatives(sasrec_checkpoint, llm_cache):
+    model, batch = laser_with(sasrec_checkpoint, llm_cache, laser_phase1_epochs=2, laser_phase1_negatives=4)
+    model.train()
+    model.mformer.eval()  # no dropout: the vectors below are the ones the loss saw
+    targets = batch[model.POS_ITEM_ID]
+    negatives = model.sample_negatives(targets.repeat(200))
+    assert negatives.shape == (200 * len(targets), 4)
+    assert ((negatives >= 1) & (negatives < model.n_items)).all() and (negatives != targets.repeat(200)[:, None]).all()
+    assert len(negatives.unique()) == model.n_items - 1  # every other item can be drawn
+    torch.manual_seed(5)
+    loss = model.calculate_loss(batch)
+    torch.manual_seed(5)
+    drawn = model.sample_negatives(targets)  # the same draws the loss made
+    with torch.no_grad():
+        user = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+        items = torch.cat([targets[:, None], drawn], 1)
+        vectors = torch.stack([model.encode_items(row)[0] for row in items])  # [B, 5, H], one row at a time
+        logits = torch.nn.functional.cosine_similarity(user[:, None], vectors, dim=-1) / model.temperature
+        expected = torch.nn.functional.cross_entropy(logits, torch.zeros_like(targets))
+    balance = model.last_balance_loss * model.balance_weight
+    assert float(loss) == pytest.approx(float(expected) + balance, rel=1e-4)
+
+
+def test_laser_phase_keys_are_checked_before_any_work(sasrec_checkpoint, llm_cache):
+    settings = {**TINY, "model": "Laser", **SMALL, "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache}
+    with pytest.raises(ValueError, match="'laser_phase1_negatives'"):
+        objective_function(config_dict={**settings, "laser_phase1_negatives": 0})
+    with pytest.raises(ValueError, match="'laser_phase1_epochs'"):
+        objective_function(config_dict={**settings, "laser_phase1_epochs": -1})

@@ -296,6 +296,14 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.sasrec.eval()  # frozen encoder: no dropout, ever
         return self
 
+    def start_epoch(self, epoch):
+        """Called by the trainer as training epoch ``epoch`` (0-based, counted across a resume) starts; a model whose
+        training changes with the epoch (Laser's two phases) overrides it."""
+
+    def resume_within_epoch(self):
+        """Called by the trainer before it goes on in the middle of an epoch (a resumed run); a model that holds
+        per-epoch state (Laser's item table) overrides it."""
+
     def sequence_representation(self, item_seq, item_seq_len):
         """SASRec's representation of the history, ``[B, d]`` (frozen)."""
         with torch.no_grad():

@@ -24,6 +24,14 @@ only what goes in front of the prompt (a prefix) and behind it (a suffix) is tra
   (no table) computes one from its current weights.
 - **Score and loss.** Cosine similarity of the user vector and every item vector divided by ``laser_temperature``
   (0.05); cross-entropy over all items, plus the balance loss.
+- **Two phases** (the official code's stage "2-1" then "2-2"). For the first ``laser_phase1_epochs`` epochs the item
+  side is encoded with gradients, for each row's target and ``laser_phase1_negatives`` items drawn uniformly from
+  the catalogue (never the target; the official 10 per row), and the loss is the cross-entropy of the target among
+  those 1 + N (the balance loss of every encoding added: the user's and the items'). No item table is built in that
+  phase; validation scores against a table of the current weights. Then the table phase above. Uniform negatives,
+  as the official code's are drawn; shared in-batch negatives with a log-popularity correction would cost fewer
+  item encodings but change what the phase learns, and were not taken. With 0 (the default until issue 43's runs
+  measure it) training starts at the table phase.
 
 Left out: the paper's first training stage (contrastive alignment of the M-Former with a BERT text encoder), which
 needs weights that cannot be had here. Written from the paper and the official code (``015xy/Laser-main``); where
@@ -113,6 +121,8 @@ class Laser(LLMSequentialRecommender):
         require_float(config, "mformer_dropout", 0.0, 1.0)
         require_float(config, "mformer_balance_weight", 0.0, float("inf"))
         require_positive(config, "laser_temperature")
+        require_int(config, "laser_phase1_epochs", 0)
+        require_int(config, "laser_phase1_negatives", 1)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -142,6 +152,9 @@ class Laser(LLMSequentialRecommender):
         self.item_vectors = None  # the item table of the latest training epoch (saved with the checkpoint)
         self.other_parameter_name = ["item_vectors"]  # RecBole's hook: kept in checkpoints and training states
         self.last_balance_loss = None  # the balance loss of the last training step (reported)
+        self.phase1_epochs = config["laser_phase1_epochs"]
+        self.phase1_negatives = config["laser_phase1_negatives"]
+        self.epoch = 0  # the training epoch under way (start_epoch)
 
     def build_llm(self, backbone, config):
         return FrozenBackbone(backbone)
@@ -213,6 +226,29 @@ class Laser(LLMSequentialRecommender):
             self._keep_table = False
         return super().train(mode)
 
+    def start_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def in_phase1(self):
+        """Whether training is in its first phase (item side encoded with gradients; see the module docstring)."""
+        return self.training and self.epoch < self.phase1_epochs
+
+    def sample_negatives(self, targets):
+        """``[B, N]`` items drawn uniformly from the catalogue, never the padding item nor the row's target."""
+        if self.n_items < 3:
+            raise ValueError("Laser's first phase needs at least two items besides the padding item.")
+        draws = torch.randint(1, self.n_items - 1, (len(targets), self.phase1_negatives), device=targets.device)
+        return draws + (draws >= targets.unsqueeze(1)).long()  # 1 .. n_items - 1 without the target, uniform
+
+    def encode_items(self, items):
+        """Each item's vector from its own prompt, with gradients, ``[M, H]``, and the router's probabilities."""
+        seq = items.unsqueeze(1)  # a one-item "history": the item itself
+        vectors, probs, _ = self.encode(
+            self.item_prompt(seq, torch.ones_like(items)), self.item_embeddings()[seq], seq != 0
+        )
+        return vectors, probs
+
     def resume_within_epoch(self):
         """Called by the trainer before it goes on in the middle of an epoch: the epoch's table, restored with the
         training state, is the one its remaining batches train against (not one of the restored weights)."""
@@ -243,10 +279,19 @@ class Laser(LLMSequentialRecommender):
 
     def calculate_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        targets = interaction[self.POS_ITEM_ID]
         user, probs, _ = self._user(item_seq, item_seq_len)
-        logits = self.score_items(user)
-        logits[:, 0] = float("-inf")  # the padding item is never an answer
-        loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
         balance = self.mformer.balance_loss(probs, item_seq != 0)
+        if self.in_phase1:  # the target among sampled negatives, both sides with gradients
+            candidates = torch.cat([targets.unsqueeze(1), self.sample_negatives(targets)], dim=1)  # [B, 1 + N]
+            vectors, item_probs = self.encode_items(candidates.flatten())  # [B (1 + N), H]
+            vectors = F.normalize(vectors, dim=-1).view(*candidates.shape, -1)  # [B, 1 + N, H]
+            logits = (F.normalize(user, dim=-1).unsqueeze(1) * vectors).sum(-1) / self.temperature  # [B, 1 + N]
+            loss = self.loss_fct(logits, torch.zeros_like(targets))  # the target is column 0
+            balance = balance + self.mformer.balance_loss(item_probs, torch.ones_like(item_probs[..., 0]))
+        else:  # every item, against the epoch's table (no gradients on the item side)
+            logits = self.score_items(user)
+            logits[:, 0] = float("-inf")  # the padding item is never an answer
+            loss = self.loss_fct(logits, targets)
         self.last_balance_loss = float(balance.detach())
         return loss + self.balance_weight * balance
