@@ -14,17 +14,22 @@ from recbole.config import Config as RecBoleConfig
 from recbole_ilora import _compat
 from recbole_ilora.utils import get_model
 
+# The property files: the copy an installed wheel ships inside the package (setup.py copies the repository's
+# top-level properties/ there when it builds), else the repository's own (an editable install or a checkout).
+PACKAGED_PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
 
 def properties_dir():
-    """The plugin's ``properties/`` folder (at the repository root; installs are editable)."""
-    if not PROPERTIES_DIR.is_dir():
-        raise FileNotFoundError(
-            f"recbole-ilora's property files are missing: expected the folder {PROPERTIES_DIR}. "
-            "Install the plugin from its repository in editable mode: pip install -e ."
-        )
-    return PROPERTIES_DIR
+    """The plugin's ``properties/`` folder: the installed package's copy, else the repository's."""
+    for folder in (PACKAGED_PROPERTIES_DIR, PROPERTIES_DIR):
+        if (folder / "model").is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"recbole-ilora's property files are missing: expected the folder {PACKAGED_PROPERTIES_DIR} (an installed "
+        f"package) or {PROPERTIES_DIR} (a checkout). Reinstall the plugin: pip install . (or pip install -e . from "
+        "its repository)."
+    )
 
 
 class Config(RecBoleConfig):

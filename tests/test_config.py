@@ -75,6 +75,7 @@ def test_unknown_model_lists_known_models():
 
 def test_missing_properties_folder_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(config_module, "PROPERTIES_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(config_module, "PACKAGED_PROPERTIES_DIR", tmp_path / "nor here")
     with pytest.raises(FileNotFoundError, match="property files are missing"):
         Config(model="iLoRA", dataset="ml-100k")
 
@@ -130,3 +131,36 @@ def test_a_given_data_path_is_honoured_for_ml_100k_too(tmp_path):
     assert default["data_path"].endswith(os.path.join("dataset_example", "ml-100k"))
     custom = Config(model="SASRec", dataset="ml-100k", config_dict={"data_path": str(tmp_path)})
     assert custom["data_path"] == os.path.join(str(tmp_path), "ml-100k")
+
+
+def test_a_non_editable_install_finds_its_property_files_from_any_directory(tmp_path):
+    """``pip install .`` (a wheel): the repository's top-level properties/ travel inside the package, and a model's
+    configuration resolves from another directory with no checkout in sight."""
+    import subprocess
+    import sys
+
+    from conftest import DATA_DIR, REPO_ROOT
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    build = [sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*build, "-w", str(wheels)], check=True, capture_output=True, timeout=600)
+    (wheel,) = wheels.glob("recbole_ilora-*.whl")
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=600)
+    assert (site / "recbole_ilora" / "properties" / "model" / "iLoRA.yaml").is_file()
+    script = (
+        "import recbole_ilora, sys\n"
+        "from recbole_ilora.config import Config, properties_dir\n"
+        f"assert recbole_ilora.__file__.startswith({str(site)!r}), recbole_ilora.__file__\n"
+        f"config = Config(model='iLoRA', dataset='lastfm-tiny', config_dict={{'data_path': {str(DATA_DIR)!r}}})\n"
+        "print(properties_dir(), config['lora_num_experts'], config['gate_scope'], config['sasrec_epochs'])\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=environment, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder, experts, scope, epochs = result.stdout.split()[-4:]
+    assert folder == str(site / "recbole_ilora" / "properties")
+    assert (experts, scope, epochs) == ("4", "position", "30")  # iLoRA.yaml's and LLMSequentialRecommender.yaml's
