@@ -95,6 +95,11 @@ ROWS = {
     "iLoRA-gate-prompt_mean-generative": (
         "llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA-gate-prompt_mean, the paper's way"
     ),
+    "iLoRA-generative-warm": (
+        "llm", "iLoRA", {},
+        "iLoRA the paper's way, its adapter, gate and projector started from the same seed's iLoRA head run "
+        "(llm_init_checkpoint; LLaRA's curriculum idea)",
+    ),
     # --protocol continual (PESO's setting, results/continual/): one model trained block after block over time.
     "UniformLoRA-finetune": (
         "continual", "UniformLoRA", {"continual_strategy": "finetune"},
@@ -125,13 +130,15 @@ GENERATIVE_ABLATIONS = [
     "iLoRA-K1-generative", "iLoRA-K2-generative", "iLoRA-K8-generative", "iLoRA-gate-uniform-generative",
     "iLoRA-gate-prompt_mean-generative",
 ]  # fmt: skip
-GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative", *GENERATIVE_ABLATIONS]
+# Rows started from another row's finished run of the same dataset and seed (its checkpoint: llm_init_checkpoint).
+INIT_FROM = {"iLoRA-generative-warm": "iLoRA"}
+GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative", *GENERATIVE_ABLATIONS, *INIT_FROM]
 GENERATIVE_PROPERTIES = PROPERTIES / "generative.yaml"
 HEAD_ROWS = [row for row in ROWS if row not in GENERATIVE_ROWS]
 HEAD_ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
 ABLATIONS = HEAD_ABLATIONS + GENERATIVE_ABLATIONS
 # Rows run on some datasets only: the paper's-protocol ablations on ml-100k (issue 19's budget).
-ROW_DATASETS = {row: {"ml-100k"} for row in GENERATIVE_ABLATIONS}
+ROW_DATASETS = {row: {"ml-100k"} for row in [*GENERATIVE_ABLATIONS, *INIT_FROM]}
 # Rows run for some seeds only. Issue 19's budget is about 40 CPU-hours for the whole grid, and its rule is to cut the
 # ablations' seeds before the main rows'. Estimated at about 4 CPU-hours a generative run (2 h on both cores), every
 # generative row was cut to seed 2020. Measured since (2026-12-04, one thread a run, its tests resuming): 63 to 67
@@ -139,7 +146,7 @@ ROW_DATASETS = {row: {"ml-100k"} for row in GENERATIVE_ABLATIONS}
 # the two main generative rows on both datasets (8 runs, about 9 CPU-hours) fit in the budget and are planned again.
 # The paper's-protocol ablations stay at seed 2020 (ml-100k): one seed is still a verdict, the rows of a seed answering
 # the very same candidate lists, compared user by user (claims.py). The scoring-head rows keep their 3 seeds.
-ROW_SEEDS = {row: [2020] for row in GENERATIVE_ABLATIONS}
+ROW_SEEDS = {row: [2020] for row in [*GENERATIVE_ABLATIONS, *INIT_FROM]}  # issue 42's probe: one seed first
 QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform", "iLoRA-generative"]
 GATE_PLOT_ROWS = ["iLoRA", "iLoRA-gate-prompt_mean", "iLoRA-gate-uniform"]
 DATASETS = {  # name: data_path relative to the repository (None: RecBole's bundled data)
@@ -279,8 +286,9 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
             ]
             if any(ROWS[row][0] == "llm" for row in wanted) and "SASRec-encoder" not in wanted:
                 wanted.insert(0, "SASRec-encoder")
+            wanted += [INIT_FROM[row] for row in wanted if row in INIT_FROM and INIT_FROM[row] not in wanted]
             wanted.sort(key=lambda row: list(ROWS).index(row))
-            encoder_id = None
+            encoder_id, run_ids = None, {}
             for row in wanted:
                 kind, model, overrides, _ = ROWS[row]
                 config_dict = {"seed": seed, "show_progress": False, **overrides}
@@ -302,8 +310,11 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                     config = resolve_config(model, dataset, files, config_dict)
                 if kind == "encoder":
                     config = sasrec_pretraining_config(config)
-                run_hash = config_hash(config, extra=encoder_id if kind == "llm" else "", encoder=kind == "encoder")
+                init_id = run_ids.get(INIT_FROM.get(row))  # the run this one starts from (planned before it)
+                extra = (encoder_id + (f"|{init_id}" if init_id else "")) if kind == "llm" else ""
+                run_hash = config_hash(config, extra=extra, encoder=kind == "encoder")
                 run_id = f"{row}-seed{seed}-{run_hash}"
+                run_ids[row] = run_id
                 if kind == "encoder":
                     encoder_id = run_id
                 runs.append(
@@ -320,6 +331,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
                         "backbone": backbone if kind in ("llm", "continual") else None,
                         "command": runner_command(config, model, dataset, files, config_dict, kind),
                         "budget": llm_budget(config) if kind == "llm" else None,
+                        "init_from": init_id,
                     }
                 )
 
@@ -506,6 +518,14 @@ def execute(runs, output, work, after_each=None):
                     failed.append(run["run_id"])
                     continue
                 spec["encoder_file"] = str(run_file(output, encoder_run))
+            if run.get("init_from"):
+                init_run = next(r for r in runs if r["run_id"] == run["init_from"])
+                if not finished(output, init_run):
+                    print(f"[{number}/{len(pending)}] {run['run_id']}: skipped, {init_run['run_id']} (the run it "
+                          "starts from) has not finished", flush=True)  # fmt: skip
+                    failed.append(run["run_id"])
+                    continue
+                spec["init_file"] = str(run_file(output, init_run))
             refuse_uncommitted(output)
             spec_path = work / "logs" / f"{run['run_id']}.spec.json"
             spec.update(earlier_attempt(work, run["run_id"], continual=run["kind"] == "continual"))
@@ -531,6 +551,19 @@ def execute(runs, output, work, after_each=None):
         if after_each:
             after_each()
     return failed
+
+
+def init_checkpoint(record_file):
+    """The checkpoint of the finished run recorded in ``record_file`` (its ``saved_model_file``), which a row of
+    :data:`INIT_FROM` starts from; it lives in the machine's ``--work`` folder, which is not committed."""
+    record = json.loads(Path(record_file).read_text())
+    path = record.get("saved_model_file")
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{record['run_id']}'s checkpoint {path!r} is not on this machine (checkpoints stay in --work, which is "
+            f"not committed): remove {record_file} and rerun the grid to train that run again, then this one."
+        )
+    return path
 
 
 def refuse_uncommitted(output):
@@ -625,6 +658,8 @@ def worker(spec_path):
     config_dict = dict(spec["config_dict"])
     if spec.get("encoder_file"):
         config_dict["sasrec_checkpoint"] = encoder_checkpoint(spec["encoder_file"])
+    if spec.get("init_file"):  # a row started from another row's finished run
+        config_dict["llm_init_checkpoint"] = init_checkpoint(spec["init_file"])
     if spec.get("resume_checkpoint"):  # an earlier attempt was killed: go on from its training state
         config_dict["resume_checkpoint"] = spec["resume_checkpoint"]
     config = resolve_config(spec["model"], spec["dataset"], spec["config_files"], config_dict)
@@ -658,6 +693,7 @@ def worker(spec_path):
         "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
         "budget": llm_budget(config) if spec["kind"] == "llm" else None,
+        "init_from": spec.get("init_from"),
     }
     if record["generative"]:  # every user's candidates, answer and verdict, next to the run's JSON
         with open(record["generative"]["generations_file"], "rb") as source:

@@ -1037,3 +1037,27 @@ def test_the_head_targets_compare_ilora_with_sasrec_over_seeds_and_each_run_with
     assert "iLoRA 0.0600 ± 0.0200 (3 seeds) vs SASRec 0.0600 ± 0.0100 (3 seeds); d = +0.0" in lines[0]
     assert lines[0].endswith("| no |")
     assert claims.head_target_lines({"SASRec": sasrec}) == []
+
+
+def test_the_warm_generative_row_starts_from_the_same_seeds_head_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    runs = grid.plan(["ml-100k"], ["iLoRA-generative-warm"], [2020], quick=False)
+    by_row = {run["row"]: run for run in runs}
+    # the head run it starts from is planned with it (and before it: main rows run first), with their encoder
+    assert set(by_row) == {"SASRec-encoder", "iLoRA", "iLoRA-generative-warm"}
+    warm, head = by_row["iLoRA-generative-warm"], by_row["iLoRA"]
+    assert warm["init_from"] == head["run_id"] and head["init_from"] is None
+    assert runs.index(head) < runs.index(warm)
+    cold = grid.plan(["ml-100k"], ["iLoRA", "iLoRA-generative"], [2020], quick=False)
+    assert head["run_id"] in {run["run_id"] for run in cold}  # the head run is the grid's own iLoRA row
+    cold_id = next(run["run_id"] for run in cold if run["row"] == "iLoRA-generative")
+    assert warm["run_id"].split("-")[-1] != cold_id.split("-")[-1]  # the start is part of the run's identity
+    # its checkpoint stays on the machine that trained it: elsewhere, a clear error naming what to do
+    record = tmp_path / "head.json"
+    record.write_text(json.dumps({"run_id": head["run_id"], "saved_model_file": str(tmp_path / "gone.pth")}))
+    with pytest.raises(FileNotFoundError, match="is not on this machine .* rerun the grid"):
+        grid.init_checkpoint(record)
+    (tmp_path / "gone.pth").write_bytes(b"x")
+    assert grid.init_checkpoint(record) == str(tmp_path / "gone.pth")
