@@ -115,24 +115,33 @@ class AdapterAnchor:
         return [(pairs[name], self.snapshot[name]) for name in sorted(pairs)]
 
     @staticmethod
-    def softmax_kl_of(current, previous):
-        """KL(softmax(vec current) || softmax(vec previous)), a scalar."""
-        log_p, log_q = F.log_softmax(current.flatten().float(), 0), F.log_softmax(previous.flatten().float(), 0)
+    def softmax_kl_of(current, previous, dtype=torch.float32):
+        """KL(softmax(vec current) || softmax(vec previous)), a scalar, computed in ``dtype``."""
+        log_p = F.log_softmax(current.flatten().to(dtype), 0)
+        log_q = F.log_softmax(previous.flatten().to(dtype), 0)
         return (log_p.exp() * (log_p - log_q)).sum()
 
-    def softmax_kl(self, pairs):
+    def softmax_kl(self, pairs, dtype=torch.float32):
         """PESO's term: the mean over modules of KL(A) + KL(B)."""
-        terms = [self.softmax_kl_of(a, a0) + self.softmax_kl_of(b, b0) for (a, b), (a0, b0) in self._matched(pairs)]
+        terms = [
+            self.softmax_kl_of(a, a0, dtype) + self.softmax_kl_of(b, b0, dtype)
+            for (a, b), (a0, b0) in self._matched(pairs)
+        ]
         return torch.stack(terms).mean()
 
-    def l2(self, pairs):
+    def l2(self, pairs, dtype=torch.float32):
         """The squared distance to the snapshot, summed over every matrix."""
-        terms = [((a - a0) ** 2).sum() + ((b - b0) ** 2).sum() for (a, b), (a0, b0) in self._matched(pairs)]
+        terms = [
+            ((a.to(dtype) - a0.to(dtype)) ** 2).sum() + ((b.to(dtype) - b0.to(dtype)) ** 2).sum()
+            for (a, b), (a0, b0) in self._matched(pairs)
+        ]
         return torch.stack(terms).sum()
 
-    def penalty(self, kind, pairs):
+    def penalty(self, kind, pairs, dtype=torch.float32):
+        """The term toward the snapshot (``dtype``: float32 for training; float64 for the logged value: PESO's term
+        is a sum of differences near 1e-7 whose float32 rounding can make it negative)."""
         if kind == "softmax_kl":
-            return self.softmax_kl(pairs)
+            return self.softmax_kl(pairs, dtype)
         if kind == "l2":
-            return self.l2(pairs)
+            return self.l2(pairs, dtype)
         raise ValueError(f"'continual_penalty' must be one of {list(PENALTIES)}, got {kind!r}")

@@ -167,7 +167,8 @@ def test_each_batch_records_the_terms_value_and_its_share_of_the_adapters_gradie
     assert plain.training_summary() == {}  # no term: nothing recorded
     summary = weighted.training_summary()["proximal"]
     assert summary["batches"] == 1
-    assert summary["term"] == pytest.approx(2.0 * float(weighted.anchor.softmax_kl(weighted.llm.adapter_pairs())))
+    pairs = weighted.llm.adapter_pairs()  # the logged value is the float64 one (checked against numpy below)
+    assert summary["term"] == pytest.approx(2.0 * float(weighted.anchor.softmax_kl(pairs, torch.float64)), rel=1e-9)
     norm = lambda tensors: float(sum(t.double().pow(2).sum() for t in tensors)) ** 0.5  # noqa: E731
     assert summary["task_grad_norm"] == pytest.approx(norm(grads["plain"]), rel=1e-4)  # the loss without the term
     difference = [w - p for w, p in zip(grads["weighted"], grads["plain"], strict=True)]  # the term's own gradient
@@ -287,3 +288,22 @@ def test_the_l2_weight_is_chosen_on_block_1s_validation_and_kept(continual_setti
     blocks = progress["blocks"]
     assert [b["penalty_weight"] for b in blocks] == [None, progress["l2_weight"], progress["l2_weight"]]
     assert blocks[1]["valid"]["ndcg@10"] == pytest.approx(scores[str(progress["l2_weight"])])
+
+
+def test_the_logged_term_is_computed_in_float64_where_float32_rounding_swamps_it():
+    # PESO's term after one small step: differences near 1e-7 over a large matrix, the regime the grid's runs log
+    generator = torch.Generator().manual_seed(0)
+    a0 = torch.randn(64, 576, generator=generator)
+    b0 = torch.randn(576, 64, generator=generator)
+    a = a0 + 1e-4 * torch.randn(64, 576, generator=generator)
+    anchor = AdapterAnchor({"m": (a0, b0)})
+    # the same KL by hand in float64 (numpy): softmax over the flattened A, the snapshot's B unchanged
+    x, y = a.double().flatten().numpy(), a0.double().flatten().numpy()
+    log_p = x - x.max() - np.log(np.exp(x - x.max()).sum())
+    log_q = y - y.max() - np.log(np.exp(y - y.max()).sum())
+    exact = float((np.exp(log_p) * (log_p - log_q)).sum())
+    assert 0 < exact < 1e-6
+    in64 = float(anchor.penalty("softmax_kl", {"m": (a, b0)}, dtype=torch.float64))
+    in32 = float(anchor.penalty("softmax_kl", {"m": (a, b0)}))
+    assert in64 == pytest.approx(exact, rel=1e-6)
+    assert abs(in32 - exact) > 100 * abs(in64 - exact)  # float32's rounding error is of the order of the term

@@ -379,7 +379,9 @@ class LLMSequentialRecommender(SequentialRecommender):
         if self.training and torch.is_grad_enabled():  # its own gradient, for record_proximal_step (cheap: no LLM)
             matrices = [matrix for pair in pairs.values() for matrix in pair]
             gradient = torch.autograd.grad(term, matrices, retain_graph=True)
-            self._proximal_step = (float(term), matrices, gradient)
+            with torch.no_grad():  # the logged value in float64 (the training term above stays float32)
+                exact = self.anchor.penalty(self.penalty_kind, pairs, dtype=torch.float64)
+            self._proximal_step = (self.penalty_weight * float(exact), matrices, gradient)
         return term
 
     _proximal_step = None  # (weighted term, adapter matrices, the term's gradient) of the batch being trained
