@@ -207,3 +207,45 @@ def test_laser_phase_keys_are_checked_before_any_work(sasrec_checkpoint, llm_cac
         objective_function(config_dict={**settings, "laser_phase1_negatives": 0})
     with pytest.raises(ValueError, match="'laser_phase1_epochs'"):
         objective_function(config_dict={**settings, "laser_phase1_epochs": -1})
+
+
+def test_stage_1_aligns_the_prefix_with_the_historys_title_embeddings_without_the_llm(
+    sasrec_checkpoint, llm_cache, monkeypatch
+):
+    model, batch = laser_with(sasrec_checkpoint, llm_cache, laser_stage1_epochs=1, laser_phase1_epochs=1)
+    plain, _ = laser_with(sasrec_checkpoint, llm_cache)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"stage1_log_scale"}  # stage 1 off: as before
+    model.train()
+    model.mformer.eval()  # no dropout: the prefix below is the one the loss saw
+    stages = []
+    for epoch in (0, 1, 2):
+        model.start_epoch(epoch)
+        stages.append((model.in_stage1, model.in_phase1))
+    assert stages == [(True, False), (False, True), (False, False)]  # stage 1, phase 1, the table phase
+    model.start_epoch(0)
+    monkeypatch.setattr(model.llm, "decoder", lambda: (_ for _ in ()).throw(AssertionError("the LLM ran")))
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    assert model.suffix.grad is None and model.stage1_log_scale.grad is not None  # no LLM, no suffix
+    assert model.mformer.queries.grad is not None
+    # by hand: each title's mean token embedding, each history's mean title vector, the best cosine over the prefix
+    # tokens, scaled by 1 / 0.07, symmetric cross-entropy with label smoothing 0.1
+    seq = batch[model.ITEM_SEQ]
+    embed = model.llm.input_embeddings()
+    with torch.no_grad():
+        texts = []
+        for row in seq:
+            titles = [model.prompt_builder.titles[int(i)] for i in row if int(i) != 0]
+            vectors = [embed(torch.tensor(model.tokenizer(t, add_special_tokens=False)["input_ids"])).mean(0)
+                       for t in titles]  # fmt: skip
+            texts.append(torch.stack(vectors).mean(0))
+        text = torch.stack(texts)
+        prefix, probs, _ = model.mformer(model.item_embeddings()[seq], seq != 0)
+        sims = torch.tensor([[max(float(torch.cosine_similarity(q, t, dim=0)) for q in p) for t in text]
+                             for p in prefix]) / 0.07  # fmt: skip
+        labels = torch.arange(len(seq))
+        smooth = lambda s: torch.nn.functional.cross_entropy(s, labels, label_smoothing=0.1)  # noqa: E731
+        expected = (smooth(sims) + smooth(sims.t())) / 2 + model.balance_weight * model.mformer.balance_loss(
+            probs, seq != 0
+        )
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)

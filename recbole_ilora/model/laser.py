@@ -24,6 +24,14 @@ only what goes in front of the prompt (a prefix) and behind it (a suffix) is tra
   (no table) computes one from its current weights.
 - **Score and loss.** Cosine similarity of the user vector and every item vector divided by ``laser_temperature``
   (0.05); cross-entropy over all items, plus the balance loss.
+- **Stage 1** (``laser_stage1_epochs``, before everything else; the official code's first stage). The M-Former is
+  aligned with the history's text by a contrastive loss, without the LLM: the history's text is the mean of the
+  frozen backbone's input embeddings over its items' title tokens (no extra download; the paper uses BERT-base, and
+  initialises the M-Former from it, neither of which can be had here), the M-Former's side its prefix tokens, both in
+  the LLM's embedding space; a history's similarity to a text is the best cosine over its prefix tokens (BLIP-2's
+  image-text contrast), scaled by a learnable temperature starting at ``laser_stage1_temperature`` (0.07, the
+  official), with the symmetric cross-entropy over the batch and label smoothing ``laser_stage1_label_smoothing``
+  (0.1, the official), plus the balance loss.
 - **Two phases** (the official code's stage "2-1" then "2-2"). For the first ``laser_phase1_epochs`` epochs the item
   side is encoded with gradients, for each row's target and ``laser_phase1_negatives`` items drawn uniformly from
   the catalogue (never the target; the official 10 per row), and the loss is the cross-entropy of the target among
@@ -33,11 +41,13 @@ only what goes in front of the prompt (a prefix) and behind it (a suffix) is tra
   item encodings but change what the phase learns, and were not taken. With 0 (the default until issue 43's runs
   measure it) training starts at the table phase.
 
-Left out: the paper's first training stage (contrastive alignment of the M-Former with a BERT text encoder), which
-needs weights that cannot be had here. Written from the paper and the official code (``015xy/Laser-main``); where
-the official code counts padded history positions in the balance loss and in the mean routing score, this one
-does not.
+Departures: stage 1 aligns with the backbone's own token embeddings, not BERT, and the M-Former starts from random
+weights, not BERT-base (neither can be had here). Written from the paper and the official code
+(``015xy/Laser-main``); where the official code counts padded history positions in the balance loss and in the mean
+routing score, this one does not.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +133,9 @@ class Laser(LLMSequentialRecommender):
         require_positive(config, "laser_temperature")
         require_int(config, "laser_phase1_epochs", 0)
         require_int(config, "laser_phase1_negatives", 1)
+        require_int(config, "laser_stage1_epochs", 0)
+        require_positive(config, "laser_stage1_temperature")
+        require_float(config, "laser_stage1_label_smoothing", 0.0, 1.0)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -154,6 +167,13 @@ class Laser(LLMSequentialRecommender):
         self.last_balance_loss = None  # the balance loss of the last training step (reported)
         self.phase1_epochs = config["laser_phase1_epochs"]
         self.phase1_negatives = config["laser_phase1_negatives"]
+        self.stage1_epochs = config["laser_stage1_epochs"]
+        self.stage1_smoothing = config["laser_stage1_label_smoothing"]
+        # log(1 / temperature), learnt (CLIP's and BLIP-2's parametrisation); only where stage 1 runs, so that a
+        # model without it keeps exactly the parameters (and checkpoints) it had before stage 1 existed
+        if self.stage1_epochs:
+            self.stage1_log_scale = nn.Parameter(torch.tensor(math.log(1.0 / config["laser_stage1_temperature"])))
+        self._title_vectors = None  # [n_items, H]: each title's mean token embedding (stage 1's text side)
         self.epoch = 0  # the training epoch under way (start_epoch)
 
     def build_llm(self, backbone, config):
@@ -230,9 +250,45 @@ class Laser(LLMSequentialRecommender):
         self.epoch = epoch
 
     @property
+    def in_stage1(self):
+        """Whether training is in stage 1 (the M-Former aligned with the history's text; see the module docstring)."""
+        return self.training and self.epoch < self.stage1_epochs
+
+    @property
     def in_phase1(self):
         """Whether training is in its first phase (item side encoded with gradients; see the module docstring)."""
-        return self.training and self.epoch < self.phase1_epochs
+        return self.training and self.stage1_epochs <= self.epoch < self.stage1_epochs + self.phase1_epochs
+
+    def title_vectors(self):
+        """``[n_items, H]``: the mean of the frozen backbone's input embeddings over each item's title tokens (row 0
+        and items without a title: zero). Computed once."""
+        if self._title_vectors is None:
+            embed = self.llm.input_embeddings()
+            rows = [torch.zeros(self.llm_size, device=self.device)]
+            with torch.no_grad():
+                for title in self.prompt_builder.titles[1:]:
+                    ids = self.tokenizer(title, add_special_tokens=False)["input_ids"] if title else []
+                    vector = embed(torch.tensor(ids, device=self.device)).float().mean(0) if ids else rows[0]
+                    rows.append(vector)
+            self._title_vectors = torch.stack(rows)
+        return self._title_vectors
+
+    def stage1_loss(self, item_seq):
+        """Stage 1's contrastive loss of a batch (see the module docstring) and the router's probabilities."""
+        mask = item_seq != 0
+        with torch.no_grad():
+            history = self.item_embeddings()[item_seq]  # [B, L, d]
+            words = self.title_vectors()[item_seq]  # [B, L, H]
+            text = (words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, H]
+        prefix, probs, _ = self.mformer(history, mask)  # [B, Q, H]
+        cosine = torch.einsum("bqh,ch->bqc", F.normalize(prefix.float(), dim=-1), F.normalize(text, dim=-1))
+        similarity = cosine.max(dim=1).values * self.stage1_log_scale.exp().clamp(max=100.0)  # [B (history), B (text)]
+        labels = torch.arange(len(item_seq), device=item_seq.device)
+        loss = (
+            F.cross_entropy(similarity, labels, label_smoothing=self.stage1_smoothing)
+            + F.cross_entropy(similarity.t(), labels, label_smoothing=self.stage1_smoothing)
+        ) / 2
+        return loss, probs
 
     def sample_negatives(self, targets):
         """``[B, N]`` items drawn uniformly from the catalogue, never the padding item nor the row's target."""
@@ -280,6 +336,11 @@ class Laser(LLMSequentialRecommender):
     def calculate_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         targets = interaction[self.POS_ITEM_ID]
+        if self.in_stage1:  # the M-Former aligned with the history's text; no LLM forward
+            loss, probs = self.stage1_loss(item_seq)
+            balance = self.mformer.balance_loss(probs, item_seq != 0)
+            self.last_balance_loss = float(balance.detach())
+            return loss + self.balance_weight * balance
         user, probs, _ = self._user(item_seq, item_seq_len)
         balance = self.mformer.balance_loss(probs, item_seq != 0)
         if self.in_phase1:  # the target among sampled negatives, both sides with gradients
