@@ -48,11 +48,10 @@ ENCODER_KEYS = ("sasrec_epochs", "sasrec_learning_rate", "sasrec_train_batch_siz
 
 def check_continual_config(config):
     from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-    from recbole_ilora.model.laser import Laser
     from recbole_ilora.utils import get_model
 
     model_class = get_model(config["model"])
-    if not issubclass(model_class, LLMSequentialRecommender) or issubclass(model_class, Laser):
+    if not issubclass(model_class, LLMSequentialRecommender) or not model_class.has_lora_adapter:
         raise ValueError(
             "'continual' trains a LoRA model of the plugin block after block (iLoRA, UniformLoRA), "
             f"not {config['model']!r}."

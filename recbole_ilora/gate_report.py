@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--png", help="also draw the routing next to the uniform gate into this PNG file")
     args = parser.parse_args()
     _, model, _, _, _, test_data = load_data_and_model(args.checkpoint)
-    if not hasattr(model, "routing"):
+    if not getattr(model, "has_gate", False):  # RecBole's models have no such attribute
         raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}, which has no gate to report.")
     records = gate_records(model, test_data)
     with open(args.output, "w", encoding="utf-8") as file:

@@ -17,6 +17,7 @@ import os
 import re
 from logging import getLogger
 
+from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.trainer import claim_checkpoint_file
 
 
@@ -200,7 +201,7 @@ def main():
     from recbole_ilora.quick_start import load_data_and_model
 
     config, model, *_ = load_data_and_model(args.checkpoint)
-    if not getattr(model, "generative", False):
+    if not isinstance(model, LLMSequentialRecommender) or not model.generative:
         raise ValueError(f"{args.checkpoint} was not trained with objective: generative")
     model.show_progress = True
     result = evaluate_generation(config, model, output_file=args.output, show_progress=True, resume=args.resume)

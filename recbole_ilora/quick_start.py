@@ -448,10 +448,11 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         warm_start(model, warm, config["llm_init_checkpoint"])
     if prepare is not None:
         prepare(model)
-    if hasattr(model, "attach_splits"):  # the whole splits: a user's candidates exclude all of the user's items
+    llm = isinstance(model, LLMSequentialRecommender)
+    if llm:  # the whole splits: a user's candidates exclude all of the user's items
         model.attach_splits(train_data, valid_data, test_data)
     trained_targets = None
-    if isinstance(model, LLMSequentialRecommender):
+    if llm:
         train_data, trained_targets = budget_training_data(config, train_data, model.trains_every_position)
     trained_sequences = len(train_data.dataset)
     if verbose:
@@ -471,7 +472,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
             # A generative run's tests take about an hour on a CPU, so they are journaled next to the checkpoint that
             # names their weights: a killed run, resumed from its finished training, goes on where they were. A run that
             # trained in this process starts them afresh.
-            journaled = saved and config["single_spec"] and getattr(model, "generative", False)
+            journaled = saved and config["single_spec"] and llm and model.generative
             fresh = bool(trainer.train_loss_dict)
             with contextlib.ExitStack() as tests:
                 if isinstance(model, LLMSequentialRecommender):  # every test mode scores the same test histories with
@@ -487,7 +488,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
                 known = {own_mode: test_result} if own_mode is not None else None
                 test_results = evaluate_test_modes(config, trainer, show_progress, known=known)
             generative_result = None
-            if getattr(model, "generative", False):
+            if llm and model.generative:
                 from recbole_ilora.generative import evaluate_generation
 
                 answers_file = test_journal_file(trainer.saved_model_file, "generations") if journaled else None
@@ -516,7 +517,7 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         "saved_model_file": trainer.saved_model_file if saved else None,
         "timings": dict(timings),  # wall seconds per phase
         "cpu_timings": dict(timings.cpu),  # the process's CPU seconds per phase (all its threads)
-        "model_summary": model.training_summary() if hasattr(model, "training_summary") else None,
+        "model_summary": model.training_summary() if llm else None,
         "train_losses": [float(trainer.train_loss_dict[epoch]) for epoch in sorted(trainer.train_loss_dict)],
         "epochs_run": epochs_run,  # epochs trained, counting those of a resumed run's earlier process
         "stopped_early": epochs_run < config["epochs"],
@@ -658,7 +659,7 @@ def load_data_and_model(model_file, data_path=None):
     train_data, valid_data, test_data = prepare_data(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    if hasattr(model, "attach_splits"):
+    if isinstance(model, LLMSequentialRecommender):
         model.attach_splits(train_data, valid_data, test_data)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))

@@ -296,6 +296,14 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.sasrec.eval()  # frozen encoder: no dropout, ever
         return self
 
+    # ----- what the model can do (the runners ask these instead of naming concrete models) ------------------
+    has_lora_adapter = True  # a LoRA adapter the continual mode can anchor (Laser: a frozen LLM, none)
+    has_gate = False  # routing(): per-user expert weights for the gate report (iLoRA, Laser)
+
+    def routing(self, item_seq, item_seq_len):
+        """The expert weights each history is routed with, ``[B, K]`` (models with ``has_gate``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gate.")
+
     def start_epoch(self, epoch):
         """Called by the trainer as training epoch ``epoch`` (0-based, counted across a resume) starts; a model whose
         training changes with the epoch (Laser's two phases) overrides it."""

@@ -38,6 +38,7 @@ SCORE_HEADS = ("residual", "plain")
 
 class iLoRA(LLMSequentialRecommender):
     gate_inputs = GATE_INPUTS  # the values of 'gate_input' this model accepts
+    has_gate = True
 
     @classmethod
     def check_config(cls, config):

@@ -113,6 +113,8 @@ class MFormer(nn.Module):
 
 class Laser(LLMSequentialRecommender):
     prompt_slots = False  # the collaborative information comes in through the prefix
+    has_lora_adapter = False  # the LLM is frozen whole
+    has_gate = True  # the M-Former's router
     _keep_table = False  # set by resume_within_epoch for the next epoch start
 
     @classmethod
