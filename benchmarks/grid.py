@@ -396,7 +396,7 @@ def encoder_checkpoint(encoder_path):
 def keep_encoder_copy(encoder_path):
     """Copy an encoder run's checkpoint into the results (weights and config, without the optimizer's state; weights-
     only loadable, written atomically) unless the copy exists or the checkpoint is gone."""
-    from recbole_ilora._compat import atomic_torch_save, safe_load
+    from recbole_ilora.checkpoints import atomic_torch_save, safe_load
 
     saved_model_file = json.loads(Path(encoder_path).read_text())["saved_model_file"]
     copy = encoder_copy(encoder_path, saved_model_file)

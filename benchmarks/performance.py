@@ -291,7 +291,8 @@ def evaluation_costs(data, overrides, encoder, work, repeats, users):
 
 def checkpoint_bytes(data, overrides, encoder, work):
     """Train two steps, save through the trainer, compare file sizes with the trained parameters' bytes."""
-    from recbole_ilora.trainer import LLMRecTrainer, training_state_file
+    from recbole_ilora.checkpoints import training_state_file
+    from recbole_ilora.trainer import LLMRecTrainer
 
     config, model, train_data, _ = build("iLoRA", data, overrides, encoder, work)
     trainer = LLMRecTrainer(config, model)

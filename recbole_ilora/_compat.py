@@ -41,7 +41,7 @@ Also: ``recbole.quick_start`` imports ray 2.6.3, which fails on this stack (``pk
 imports it (``recbole_ilora.quick_start`` follows RecBole's steps with RecBole's parts).
 """
 
-import enum
+from recbole_ilora.checkpoints import atomic_torch_save, model_checkpoint
 
 _APPLIED = False
 _NUMPY_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_"}
@@ -54,82 +54,6 @@ def alias_numpy_2_names():
     for old_name, new_name in _NUMPY_ALIASES.items():
         if old_name not in np.__dict__:
             setattr(np, old_name, getattr(np, new_name))
-
-
-def plain_value(value):
-    """A weights-only-loadable copy of a config value: enums by name, devices and other objects as strings."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, dict):
-        return {str(key): plain_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [plain_value(item) for item in value]
-    return str(value)
-
-
-def plain_config(config):
-    """The final configuration of a RecBole ``Config`` as a dict that ``torch.load(weights_only=True)`` accepts."""
-    final = config.final_config_dict if hasattr(config, "final_config_dict") else dict(config)
-    return {key: plain_value(value) for key, value in final.items()}
-
-
-def atomic_torch_save(obj, path):
-    """``torch.save`` to a temporary file in ``path``'s folder, flushed and renamed over ``path``: a crash mid-save
-    leaves the previous file intact. The file gets the permissions a plain ``torch.save`` would give."""
-    import os
-    import tempfile
-
-    import torch
-
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, staging = tempfile.mkstemp(prefix=".saving-", suffix=".pth", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes 0600
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise
-
-
-def safe_load(path, key=None, map_location="cpu"):
-    """``torch.load(path, weights_only=True)``: tensors and plain values only, never code. A missing file, or one
-    that is no such checkpoint (tampered, truncated, pickled objects), is a clear error naming ``key`` and the file.
-    """
-    import os
-
-    import torch
-
-    what = f"'{key}' = {str(path)!r}" if key else repr(str(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} does not exist.")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # UnpicklingError (pickled objects), RuntimeError (not a torch zip), EOFError, ...
-        raise ValueError(
-            f"{what} cannot be loaded safely as a checkpoint (torch.load with weights_only=True refuses it or it is "
-            f"damaged): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
-
-
-def model_checkpoint(trainer, epoch):
-    """RecBole's checkpoint fields but the optimizer's, with plain values (weights-only loadable)."""
-    return {
-        "config": plain_config(trainer.config),
-        "epoch": epoch,
-        "cur_step": trainer.cur_step,
-        "best_valid_score": float(trainer.best_valid_score),
-        "state_dict": trainer.model.state_dict(),
-        "other_parameter": trainer.model.other_parameter(),
-    }
 
 
 def save_checkpoint(self, epoch, verbose=True, **kwargs):

@@ -32,9 +32,8 @@ from logging import getLogger
 
 from recbole.utils import get_local_time, init_seed, set_color
 
-from recbole_ilora._compat import atomic_torch_save, safe_load
+from recbole_ilora.checkpoints import atomic_torch_save, claim_checkpoint_file, safe_load
 from recbole_ilora.quick_start import pretrain_sasrec, train_and_evaluate
-from recbole_ilora.trainer import claim_checkpoint_file
 
 try:
     import fcntl

@@ -17,8 +17,8 @@ import os
 import re
 from logging import getLogger
 
+from recbole_ilora.checkpoints import claim_checkpoint_file
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-from recbole_ilora.trainer import claim_checkpoint_file
 
 
 def normalize_title(text):

@@ -31,19 +31,19 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import InputType, ModelType, get_environment, init_logger, init_seed, set_color
 
-from recbole_ilora._compat import safe_load
+from recbole_ilora.checkpoints import (
+    claim_checkpoint_file,
+    model_file_of,
+    release_unused_file,
+    safe_load,
+    test_journal_file,
+    training_state_file,
+)
 from recbole_ilora.config import Config
 from recbole_ilora.lapse import apply_lapse, check_lapse_config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.provenance import PhaseTimes, phase, provenance_lines
-from recbole_ilora.trainer import (
-    claim_checkpoint_file,
-    first_process_value,
-    model_file_of,
-    release_unused_file,
-    test_journal_file,
-    training_state_file,
-)
+from recbole_ilora.trainer import first_process_value
 from recbole_ilora.utils import get_model, get_trainer
 
 

@@ -28,58 +28,15 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
-from recbole_ilora._compat import atomic_torch_save, model_checkpoint, plain_config, safe_load
+from recbole_ilora.checkpoints import (
+    atomic_torch_save,
+    model_checkpoint,
+    model_file_of,
+    plain_config,
+    safe_load,
+    training_state_file,
+)
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-
-TRAINING_STATE_SUFFIX = ".training_state"
-
-
-def training_state_file(model_file):
-    """The training-state companion of a model checkpoint: ``x.pth`` -> ``x.training_state.pth``."""
-    root, extension = os.path.splitext(str(model_file))
-    return root + TRAINING_STATE_SUFFIX + (extension or ".pth")
-
-
-def test_journal_file(model_file, name):
-    """A journal of the tests of a model checkpoint's weights (``recbole_ilora.journal``):
-    ``x.pth`` -> ``x.<name>.jsonl``."""
-    return os.path.splitext(str(model_file))[0] + f".{name}.jsonl"
-
-
-def model_file_of(path):
-    """The model checkpoint named by ``path``, which may be the model checkpoint or its training state."""
-    root, extension = os.path.splitext(str(path))
-    if root.endswith(TRAINING_STATE_SUFFIX):
-        return root[: -len(TRAINING_STATE_SUFFIX)] + extension
-    return str(path)
-
-
-def claim_checkpoint_file(path):
-    """``path``, or else the first free ``<stem>-2<ext>``, ``<stem>-3<ext>``, ..., created empty and exclusively.
-
-    RecBole names a checkpoint ``<model>-<local time to the second>.pth``, so two runs of one model started in the
-    same second with one ``checkpoint_dir`` (two datasets benchmarked side by side, say) would save, reload and test
-    one file. Creating the name with ``O_EXCL`` when the trainer is built gives each run its own file; the first
-    save replaces the empty one. A name whose training-state companion exists is taken too."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, extension = os.path.splitext(str(path))
-    number = 1
-    while True:
-        candidate = str(path) if number == 1 else f"{root}-{number}{extension}"
-        number += 1
-        if os.path.exists(training_state_file(candidate)):
-            continue
-        try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            continue
-        return candidate
-
-
-def release_unused_file(path):
-    """Remove a file claimed by :func:`claim_checkpoint_file` that no save has written (still empty)."""
-    if path and os.path.isfile(path) and os.path.getsize(path) == 0:
-        os.remove(path)
 
 
 def first_process_value(value):

@@ -399,7 +399,7 @@ def test_a_generative_run_killed_in_its_tests_resumes_them_where_they_were(sasre
 def head_run_checkpoint(path, sasrec_checkpoint, llm_cache, **overrides):
     """A head-objective iLoRA checkpoint as a finished run saves it (config and trained parameters), its trained
     parameters random so that a copy is told from a fresh build."""
-    from recbole_ilora._compat import atomic_torch_save, plain_config
+    from recbole_ilora.checkpoints import atomic_torch_save, plain_config
 
     config = tiny_config(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, **overrides)
     train_data, _, _ = data_preparation(config, create_dataset(config))

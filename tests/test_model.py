@@ -10,9 +10,10 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.interaction import Interaction
 from test_learning import hit_at_k_from_scores
 
+from recbole_ilora.checkpoints import training_state_file
 from recbole_ilora.model import iLoRA
 from recbole_ilora.quick_start import load_data_and_model, objective_function
-from recbole_ilora.trainer import LLMRecTrainer, training_state_file
+from recbole_ilora.trainer import LLMRecTrainer
 
 TRAINED_PREFIXES = ("llm.peft_model.", "gate_network.", "projector.", "score_head.")
 

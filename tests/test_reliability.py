@@ -15,10 +15,9 @@ import transformers
 from conftest import REPO_ROOT, TINY, tiny_config
 from recbole.data import create_dataset, data_preparation
 
-from recbole_ilora._compat import atomic_torch_save, safe_load
+from recbole_ilora.checkpoints import atomic_torch_save, claim_checkpoint_file, release_unused_file, safe_load
 from recbole_ilora.model import iLoRA
 from recbole_ilora.quick_start import load_data_and_model, objective_function
-from recbole_ilora.trainer import claim_checkpoint_file, release_unused_file
 
 # A run in a subprocess (config as JSON in argv[1], result JSON to argv[2]); with argv[3] = "E", the process
 # SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written; with
@@ -217,7 +216,7 @@ def test_runs_started_in_the_same_second_keep_their_own_checkpoints(monkeypatch)
 KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from recbole_ilora._compat import atomic_torch_save
+    from recbole_ilora.checkpoints import atomic_torch_save
 
     def dying_save(obj, file, *args, **kwargs):  # dies half way through writing the new checkpoint
         file.write(b"PK\\x03\\x04" + bytes(4096))

@@ -9,7 +9,7 @@ from logging import getLogger
 
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_ilora._compat import safe_load
+from recbole_ilora.checkpoints import safe_load
 
 SASREC_ARCHITECTURE_KEYS = (
     "n_layers",
