@@ -327,7 +327,7 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=No
         return json.loads(cache_path.read_text())
     import torch
 
-    from recbole_ilora.quick_start import load_data_and_model
+    from recbole_ilora.saved_run import load_data_and_model
 
     _, model, dataset, _, _, test_data = load_data_and_model(checkpoint, data_path=data_path)
     histories = {}

@@ -275,7 +275,7 @@ def plan(datasets, rows, seeds, quick, backbone=DEFAULT_BACKBONE, protocol="stan
     """Every run of the grid: the main rows of every seed first, then the generative rows, then the ablations (so that
     a partial grid already compares iLoRA, UniformLoRA and the baselines over seeds under both protocols); encoders
     before the LLM rows that need them."""
-    from recbole_ilora.quick_start import sasrec_pretraining_config
+    from recbole_ilora.pipeline import sasrec_pretraining_config
 
     runs = []
     for seed in seeds:
@@ -654,7 +654,8 @@ def worker(spec_path):
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line; this one is ours
     from recbole.utils import init_logger, init_seed
 
-    from recbole_ilora.quick_start import log_provenance, sasrec_pretraining_config, train_and_evaluate
+    from recbole_ilora.pipeline import sasrec_pretraining_config, train_and_evaluate
+    from recbole_ilora.provenance import log_provenance
 
     config_dict = dict(spec["config_dict"])
     if spec.get("encoder_file"):
@@ -795,7 +796,7 @@ def recover(spec_path, commit=None):
     generative = ast.literal_eval(last(r"generative test: (\{.*\})")) if "generative test:" in text else None
     saved_model_file = str((work / last(r"Saving current: (\S+\.pth)")).resolve())
     sys.argv = sys.argv[:1]
-    from recbole_ilora.quick_start import load_data_and_model
+    from recbole_ilora.saved_run import load_data_and_model
 
     config = load_data_and_model(saved_model_file)[0]
     epochs_run = len(re.findall(r"epoch \d+ training", text.split("Trainable parameters")[-1]))
@@ -812,6 +813,7 @@ def recover(spec_path, commit=None):
         "backbone": config["llm_backbone"] if spec["kind"] == "llm" else None,
         "epochs_cap": config["epochs"], "epochs_run": epochs_run, "stopped_early": epochs_run < config["epochs"],
         "timings": json.loads(last(r"timings \(s\): (\{.*\})")),
+        "cpu_timings": json.loads(last(r"CPU seconds per phase: (\{.*\})")) if "CPU seconds" in text else None,
         "best_valid_score": None, "valid": {}, "test": test, "encoder_test": encoder_test, "generative": generative,
         "lapse_drops": {}, "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
@@ -842,7 +844,7 @@ def keep_superseded(path):
 def export_gates(checkpoint, path):
     """Every test user's expert weights (rounded, JSON lines next to the run's JSON) and their summary."""
     from recbole_ilora.gate_report import gate_records, summarize
-    from recbole_ilora.quick_start import load_data_and_model
+    from recbole_ilora.saved_run import load_data_and_model
 
     _, model, _, _, _, test_data = load_data_and_model(checkpoint)
     records = gate_records(model, test_data)

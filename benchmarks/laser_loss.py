@@ -45,7 +45,8 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from recbole_ilora.quick_start import budget_training_data, load_data_and_model
+    from recbole_ilora.data import budget_training_data
+    from recbole_ilora.saved_run import load_data_and_model
     from recbole_ilora.utils import get_model
 
     config, trained, _, train_data, *_ = load_data_and_model(args.checkpoint)

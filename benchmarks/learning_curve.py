@@ -42,7 +42,8 @@ def build(args):
     from recbole.utils import init_logger, init_seed
 
     from recbole_ilora.config import Config
-    from recbole_ilora.quick_start import budget_training_data, create_filtered_dataset, prepare_data, prepare_model
+    from recbole_ilora.data import budget_training_data, create_filtered_dataset, prepare_data
+    from recbole_ilora.pipeline import prepare_model
     from recbole_ilora.trainer import LLMRecTrainer
 
     config_dict = {
@@ -79,7 +80,7 @@ def run(args):
     import torch
     from recbole.trainer import Trainer
 
-    from recbole_ilora.quick_start import sasrec_pretraining_config
+    from recbole_ilora.pipeline import sasrec_pretraining_config
 
     output = Path(args.output or FOLDER / f"{args.dataset}-{args.model}-seed{args.seed}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

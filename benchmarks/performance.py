@@ -60,7 +60,7 @@ def config_for(model, data, overrides):
 # ----------------------------------------------------------------------------------------------- measurements
 def sasrec_checkpoint(data, work):
     """A SASRec encoder for the LLM models (one epoch: speed does not depend on its quality)."""
-    from recbole_ilora.quick_start import train_and_evaluate
+    from recbole_ilora.pipeline import train_and_evaluate
 
     config = config_for("SASRec", data, {"epochs": 1, "checkpoint_dir": str(work / "saved"), "test_modes": []})
     return train_and_evaluate(config, saved=True, verbose=False)["saved_model_file"]
@@ -248,7 +248,7 @@ def evaluation_costs(data, overrides, encoder, work, repeats, users):
     import torch
     from recbole.utils import init_seed
 
-    from recbole_ilora.quick_start import protocol_test_data
+    from recbole_ilora.data import protocol_test_data
     from recbole_ilora.trainer import LLMRecTrainer
 
     config, model, _, _ = build("iLoRA", data, overrides, encoder, work)

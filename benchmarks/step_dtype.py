@@ -70,8 +70,8 @@ def build(weights, dtype, batch_size):
     from recbole.utils import init_seed
 
     from recbole_ilora.config import Config
+    from recbole_ilora.data import budget_training_data
     from recbole_ilora.model import iLoRA
-    from recbole_ilora.quick_start import budget_training_data
 
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:

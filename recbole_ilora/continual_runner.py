@@ -33,7 +33,7 @@ from logging import getLogger
 from recbole.utils import get_local_time, init_seed, set_color
 
 from recbole_ilora.checkpoints import atomic_torch_save, claim_checkpoint_file, safe_load
-from recbole_ilora.quick_start import pretrain_sasrec, train_and_evaluate
+from recbole_ilora.pipeline import pretrain_sasrec, train_and_evaluate
 
 try:
     import fcntl

@@ -16,7 +16,7 @@ from logging import getLogger
 
 import torch
 
-from recbole_ilora.quick_start import load_data_and_model
+from recbole_ilora.saved_run import load_data_and_model
 
 
 def gate_records(model, eval_data):

@@ -126,8 +126,8 @@ def evaluate_generation(config, model, output_file=None, show_progress=False, re
     from recbole.utils import get_local_time, init_seed, set_color
     from tqdm import tqdm
 
+    from recbole_ilora.data import protocol_test_data
     from recbole_ilora.journal import JsonLinesJournal
-    from recbole_ilora.quick_start import protocol_test_data
 
     test_data = protocol_test_data(config, "full")  # one row per test user
     init_seed(config["seed"], config["reproducibility"])
@@ -198,7 +198,7 @@ def main():
     if args.resume and not args.output:
         parser.error("--resume needs --output: the file whose answers are kept")
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
-    from recbole_ilora.quick_start import load_data_and_model
+    from recbole_ilora.saved_run import load_data_and_model
 
     config, model, *_ = load_data_and_model(args.checkpoint)
     if not isinstance(model, LLMSequentialRecommender) or not model.generative:

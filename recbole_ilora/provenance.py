@@ -7,6 +7,7 @@ figure.
 """
 
 import contextlib
+import logging
 import os
 import platform
 import subprocess
@@ -101,6 +102,14 @@ def provenance_lines():
     ]
 
 
+def log_provenance(logger=None):
+    """Log the run's provenance header (code, machine, libraries: :func:`provenance_lines`)."""
+    from recbole.utils import set_color
+
+    for line in provenance_lines():
+        (logger or logging.getLogger()).info(set_color(line.split(":", 1)[0], "yellow") + ":" + line.split(":", 1)[1])
+
+
 class PhaseTimes(dict):
     """Wall seconds per phase (the dict itself, the runner's ``timings``) and the process's CPU seconds per phase
     (``cpu``, over all its threads: two cores busy for a minute are 120 s)."""
@@ -109,9 +118,9 @@ class PhaseTimes(dict):
         super().__init__()
         self.cpu = {}
 
-    def summary(self):
-        """``'data_preparation 1.9 / 1.8, training 785.0 / 1550.2'``: wall / CPU seconds per phase."""
-        return ", ".join(f"{name} {wall:.1f} / {self.cpu.get(name, float('nan')):.1f}" for name, wall in self.items())
+    def cpu_rounded(self):
+        """The CPU seconds per phase, rounded to 0.01 s (as the runner logs them)."""
+        return {name: round(seconds, 2) for name, seconds in self.cpu.items()}
 
 
 @contextlib.contextmanager

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from conftest import TINY
+from recbole.data import create_dataset
 
 from recbole_ilora.config import Config
+from recbole_ilora.data import prepare_data
 from recbole_ilora.model.caseq import CaseQ
-from recbole_ilora.quick_start import create_dataset, objective_function, prepare_data
+from recbole_ilora.quick_start import objective_function
 
 
 def build(**overrides):

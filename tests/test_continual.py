@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from recbole.data import create_dataset
 
 from recbole_ilora.config import Config
 from recbole_ilora.continual import AdapterAnchor, apply_time_block, time_block_ids
+from recbole_ilora.data import prepare_data
 from recbole_ilora.model import iLoRA
-from recbole_ilora.quick_start import create_dataset, prepare_data
 
 # user: number of events; user u's k-th event is item "<u><k>" at time 4 * k + offset (the users interleave)
 LENGTHS = {"a": 15, "b": 10, "c": 4, "d": 12}

@@ -65,7 +65,7 @@ def even_split_data(tmp_path):
     (an odd count makes RecBole's DistributedSampler repeat one sequence, a small but real change of the gradient)."""
     import itertools
 
-    from recbole_ilora.quick_start import training_windows
+    from recbole_ilora.data import training_windows
 
     data = tmp_path / "data" / "lastfm-tiny"
     shutil.copytree(DATA_DIR / "lastfm-tiny", data)

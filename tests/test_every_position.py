@@ -7,10 +7,11 @@ import torch
 from conftest import TINY, tiny_config
 from recbole.data import create_dataset, data_preparation
 
+from recbole_ilora.data import budget_training_data, training_windows
 from recbole_ilora.model import UniformLoRA, iLoRA
 from recbole_ilora.model.abstract_llm_recommender import next_item_targets
 from recbole_ilora.model.sequence_encoder import sasrec_every_position
-from recbole_ilora.quick_start import budget_training_data, objective_function, training_windows
+from recbole_ilora.quick_start import objective_function
 
 
 def build(sasrec_checkpoint, llm_cache, model_class=iLoRA, **overrides):

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import TINY
 
+from recbole_ilora.data import protocol_test_data
 from recbole_ilora.gate_report import gate_records, summarize
-from recbole_ilora.quick_start import load_data_and_model, objective_function, protocol_test_data
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 
 
 def test_saved_ilora_reloads_and_reports_its_routing(sasrec_checkpoint, llm_cache):

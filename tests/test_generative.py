@@ -16,7 +16,8 @@ from recbole_ilora.generative import evaluate_generation, named_candidates, summ
 from recbole_ilora.journal import JsonLinesJournal
 from recbole_ilora.model import iLoRA
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
-from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 
 GENERATIVE = {
     "objective": "generative",
@@ -416,7 +417,7 @@ def head_run_checkpoint(path, sasrec_checkpoint, llm_cache, **overrides):
 def test_a_generative_run_starts_from_a_head_runs_adapter_gate_and_projector(
     sasrec_checkpoint, llm_cache, tmp_path, monkeypatch
 ):
-    import recbole_ilora.quick_start as quick_start
+    import recbole_ilora.pipeline as pipeline
 
     head = head_run_checkpoint(tmp_path / "head.pth", sasrec_checkpoint, llm_cache)
     config = {**TINY, **GENERATIVE, "model": "iLoRA", "epochs": 1, "test_modes": ["uni19"], "llm_cache_dir": llm_cache}
@@ -432,9 +433,9 @@ def test_a_generative_run_starts_from_a_head_runs_adapter_gate_and_projector(
         started["encoder"] = config["sasrec_checkpoint"]
         return built(config, *args, **kwargs)
 
-    original, built = quick_start.warm_start, quick_start.prepare_model
-    monkeypatch.setattr(quick_start, "warm_start", warm_start_then_stop)
-    monkeypatch.setattr(quick_start, "prepare_model", prepare_model)
+    original, built = pipeline.warm_start, pipeline.prepare_model
+    monkeypatch.setattr(pipeline, "warm_start", warm_start_then_stop)
+    monkeypatch.setattr(pipeline, "prepare_model", prepare_model)
     with pytest.raises(KeyboardInterrupt):
         objective_function(config_dict=config)
     assert started["encoder"] == sasrec_checkpoint

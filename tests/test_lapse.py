@@ -3,9 +3,11 @@ position: which event lands in which split, for sequential and general models, a
 
 import pytest
 from conftest import TINY
+from recbole.data import create_dataset
 
 from recbole_ilora.config import Config
-from recbole_ilora.quick_start import create_dataset, objective_function, prepare_data, protocol_test_data
+from recbole_ilora.data import prepare_data, protocol_test_data
+from recbole_ilora.quick_start import objective_function
 
 LAPSE = 3
 LENGTHS = {"a": 12, "b": 6, "c": 5, "d": 9}  # b has exactly 3 + L events; c is too short for the split

@@ -7,10 +7,13 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY
+from recbole.data import create_dataset
 
 from recbole_ilora.config import Config
+from recbole_ilora.data import prepare_data
 from recbole_ilora.model.laser import Laser, MFormer
-from recbole_ilora.quick_start import create_dataset, load_data_and_model, objective_function, prepare_data
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 
 SMALL = {"mformer_num_queries": 4, "mformer_hidden_size": 16, "mformer_num_heads": 2, "mformer_num_layers": 1}
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 
 ITEMS, USERS, LENGTH = 30, 60, 12
 NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett"]

@@ -12,7 +12,8 @@ from test_learning import hit_at_k_from_scores
 
 from recbole_ilora.checkpoints import training_state_file
 from recbole_ilora.model import iLoRA
-from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 from recbole_ilora.trainer import LLMRecTrainer
 
 TRAINED_PREFIXES = ("llm.peft_model.", "gate_network.", "projector.", "score_head.")
@@ -327,7 +328,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(sasrec_check
 
 
 def test_training_budget_keeps_each_users_most_recent_sequences():
-    from recbole_ilora.quick_start import budget_training_data
+    from recbole_ilora.data import budget_training_data
 
     config = tiny_config(llm_train_sequences_per_user=2)
     train_data, *_ = data_preparation(config, create_dataset(config))

@@ -17,7 +17,8 @@ from recbole.data import create_dataset, data_preparation
 
 from recbole_ilora.checkpoints import atomic_torch_save, claim_checkpoint_file, release_unused_file, safe_load
 from recbole_ilora.model import iLoRA
-from recbole_ilora.quick_start import load_data_and_model, objective_function
+from recbole_ilora.quick_start import objective_function
+from recbole_ilora.saved_run import load_data_and_model
 
 # A run in a subprocess (config as JSON in argv[1], result JSON to argv[2]); with argv[3] = "E", the process
 # SIGKILLs itself on the third training batch of epoch E, after that epoch's training state was written; with
