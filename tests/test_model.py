@@ -72,7 +72,7 @@ def test_sasrec_baseline_through_the_same_runner(mode):
     config = {**TINY, "model": "SASRec", "epochs": 2, "eval_args": {**TINY["eval_args"], "mode": mode}}
     result = objective_function(config_dict=config)
     assert result["model"] == "SASRec"
-    assert_recbole_metrics(result, ["hit@1", "ndcg@5", "ndcg@10"])
+    assert_recbole_metrics(result, ["hit@1", "ndcg@5", "ndcg@10"], recompute=mode == "full")
 
 
 def test_only_adapter_gate_projector_and_head_train(tiny_ilora):
