@@ -367,11 +367,14 @@ def head_target_lines(by_row, seeds=3):
         figure = f"iLoRA {fmt_summary(mine)} vs SASRec {fmt_summary(sasrec)}" + (
             f"; d = {d:+.1f}" if d is not None else ""
         )
-        met = (
-            ("yes" if mine["mean"] > sasrec["mean"] else "no")
-            if mine["n"] >= seeds
-            else f"not yet ({mine['n']} of {seeds} seeds)"
-        )
+        if mine["n"] < seeds:
+            met = f"not yet ({mine['n']} of {seeds} seeds)"
+        elif mine["mean"] <= sasrec["mean"]:
+            met = "no"
+        elif d is not None and d >= 2:
+            met = "yes"
+        else:
+            met = "above in the mean only (d within 2: not distinguishable)"
         lines.append(f"| full NDCG@10 above SASRec's (mean of {seeds} seeds) | iLoRA | {figure} | {met} |")
     for row in ("iLoRA", "UniformLoRA"):
         records = [r for r in _row_records(by_row, row) if (r.get("encoder_test") or {}).get("full")]

@@ -1064,3 +1064,19 @@ def test_the_warm_generative_row_starts_from_the_same_seeds_head_run(tmp_path, m
         grid.init_checkpoint(record)
     (tmp_path / "gone.pth").write_bytes(b"x")
     assert grid.init_checkpoint(record) == str(tmp_path / "gone.pth")
+
+
+def test_the_sasrec_target_is_met_only_when_ilora_is_ahead_by_two_pooled_stds(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    def rows(ilora, sasrec):
+        records = lambda values: [{"seed": s, "test": {"full": {"ndcg@10": v}}} for s, v in enumerate(values)]  # noqa: E731
+        return claims.head_target_lines({"iLoRA": records(ilora), "SASRec": records(sasrec)})[0]
+
+    # means 0.064 and 0.063, stds 0.01 and 0.005: d = 0.001 / sqrt((0.01² + 0.005²) / 2) = +0.1
+    assert rows([0.054, 0.064, 0.074], [0.058, 0.063, 0.068]).endswith("| above in the mean only (d within 2: "
+                                                                       "not distinguishable) |")  # fmt: skip
+    # means 0.07 and 0.06, stds 0.002 each: d = +5.0
+    line = rows([0.068, 0.07, 0.072], [0.058, 0.06, 0.062])
+    assert "d = +5.0" in line and line.endswith("| yes |")
