@@ -34,6 +34,7 @@ from recbole_ilora.data import (
 )
 from recbole_ilora.lapse import check_lapse_config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
+from recbole_ilora.model.backbone import file_digest
 from recbole_ilora.provenance import PhaseTimes, phase
 from recbole_ilora.trainer import first_process_value
 from recbole_ilora.utils import get_model, get_trainer
@@ -117,13 +118,6 @@ def check_resume(config):
 
 WARM_START_KEYS = ("model", "dataset", "llm_backbone", "lora_num_experts", "lora_expert_rank", "lora_target_modules",
                    "gate_input")  # fmt: skip
-
-
-def file_digest(path):
-    import hashlib
-
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def check_warm_start(config):

@@ -59,14 +59,19 @@ def git(*args, cwd=PACKAGE_DIR):
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
+def uncommitted_changes(root=PACKAGE_DIR.parent):
+    """Tracked files of the package, properties or benchmarks in the checkout at ``root`` that differ from its commit
+    (staged or not)."""
+    return git("diff", "--name-only", "HEAD", "--", *TRACKED, cwd=root).splitlines()
+
+
 def code_version():
     """``'commit d70deb8'`` (``+uncommitted`` when the package, properties or benchmarks differ from it) in a git
     checkout; ``'recbole-ilora 0.3.0 (installed, no checkout)'`` otherwise."""
     root = git("rev-parse", "--show-toplevel")
     commit = git("rev-parse", "--short", "HEAD") if root else ""
     if commit and Path(root).resolve() == PACKAGE_DIR.parent:
-        changed = git("diff", "--name-only", "HEAD", "--", *TRACKED, cwd=root)
-        return f"commit {commit}" + ("+uncommitted" if changed else "")
+        return f"commit {commit}" + ("+uncommitted" if uncommitted_changes(root) else "")
     try:
         return f"recbole-ilora {metadata.version('recbole-ilora')} (installed, no checkout)"
     except metadata.PackageNotFoundError:

@@ -232,10 +232,7 @@ class Laser(LLMSequentialRecommender):
             rows = []
             chunks = list(items.split(self.eval_batch_size))
             for chunk in self._progress(chunks, "Laser item table"):
-                seq = chunk.unsqueeze(1)  # a one-item "history": the item itself
-                length = torch.ones_like(chunk)
-                vectors, _, _ = self.encode(self.item_prompt(seq, length), self.item_embeddings()[seq], seq != 0)
-                rows.append(vectors)
+                rows.append(self.encode_items(chunk)[0])
             table = torch.cat(rows)
             return torch.cat([table.new_zeros(1, table.shape[1]), table])
         finally:
@@ -300,7 +297,8 @@ class Laser(LLMSequentialRecommender):
         return draws + (draws >= targets.unsqueeze(1)).long()  # 1 .. n_items - 1 without the target, uniform
 
     def encode_items(self, items):
-        """Each item's vector from its own prompt, with gradients, ``[M, H]``, and the router's probabilities."""
+        """Each item's vector from its own prompt, ``[M, H]`` (with gradients where enabled: the first phase), and the
+        router's probabilities."""
         seq = items.unsqueeze(1)  # a one-item "history": the item itself
         vectors, probs, _ = self.encode(
             self.item_prompt(seq, torch.ones_like(items)), self.item_embeddings()[seq], seq != 0
@@ -337,24 +335,26 @@ class Laser(LLMSequentialRecommender):
 
     def calculate_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        targets = interaction[self.POS_ITEM_ID]
         if self.in_stage1:  # the M-Former aligned with the history's text; no LLM forward
             loss, probs = self.stage1_loss(item_seq)
-            balance = self.mformer.balance_loss(probs, item_seq != 0)
-            self.last_balance_loss = float(balance.detach())
-            return loss + self.balance_weight * balance
-        user, probs, _ = self._user(item_seq, item_seq_len)
-        balance = self.mformer.balance_loss(probs, item_seq != 0)
+            item_balance = 0.0
+        else:
+            user, probs, _ = self._user(item_seq, item_seq_len)
+            loss, item_balance = self.stage2_loss(user, interaction[self.POS_ITEM_ID])
+        balance = self.mformer.balance_loss(probs, item_seq != 0) + item_balance
+        self.last_balance_loss = float(balance.detach())
+        return loss + self.balance_weight * balance
+
+    def stage2_loss(self, user, targets):
+        """Stage 2's ranking loss of the user vectors ``[B, H]`` and the balance loss of the item encodings it made
+        (0.0 in the table phase, which encodes none)."""
         if self.in_phase1:  # the target among sampled negatives, both sides with gradients
             candidates = torch.cat([targets.unsqueeze(1), self.sample_negatives(targets)], dim=1)  # [B, 1 + N]
             vectors, item_probs = self.encode_items(candidates.flatten())  # [B (1 + N), H]
             vectors = F.normalize(vectors, dim=-1).view(*candidates.shape, -1)  # [B, 1 + N, H]
             logits = (F.normalize(user, dim=-1).unsqueeze(1) * vectors).sum(-1) / self.temperature  # [B, 1 + N]
             loss = self.loss_fct(logits, torch.zeros_like(targets))  # the target is column 0
-            balance = balance + self.mformer.balance_loss(item_probs, torch.ones_like(item_probs[..., 0]))
-        else:  # every item, against the epoch's table (no gradients on the item side)
-            logits = self.score_items(user)
-            logits[:, 0] = float("-inf")  # the padding item is never an answer
-            loss = self.loss_fct(logits, targets)
-        self.last_balance_loss = float(balance.detach())
-        return loss + self.balance_weight * balance
+            return loss, self.mformer.balance_loss(item_probs, torch.ones_like(item_probs[..., 0]))
+        logits = self.score_items(user)  # every item, against the epoch's table (no gradients on the item side)
+        logits[:, 0] = float("-inf")  # the padding item is never an answer
+        return self.loss_fct(logits, targets), 0.0
