@@ -125,16 +125,23 @@ def check_warm_start(config):
     same data and backbone (:data:`WARM_START_KEYS`), whose trained adapter, gate and projector start this run (the
     generative objective starting from what the head objective learnt, LLaRA's curriculum idea). The run reads the
     SASRec encoder that run read (its projector maps that encoder's item embeddings): ``sasrec_checkpoint``, when
-    given, must be the same file. Returns the checkpoint, or None without the key."""
+    given, must be the same file. With ``resume_checkpoint``, the resumed run must have started from the same file
+    (its weights come from its own state then). Returns the checkpoint, or None when there is nothing to load."""
     path = config["llm_init_checkpoint"]
     if not path:
         return None
     if not issubclass(get_model(config["model"]), LLMSequentialRecommender):
         raise ValueError(f"'llm_init_checkpoint' starts an LLM model's adapter; {config['model']} has none.")
-    if config["resume_checkpoint"]:
-        raise ValueError(
-            "'llm_init_checkpoint' starts a new run; 'resume_checkpoint' goes on with a killed one: set one."
-        )
+    if config["resume_checkpoint"]:  # a killed warm-started run goes on from its own state, not from the start
+        state = safe_load(training_state_file(model_file_of(config["resume_checkpoint"])), "resume_checkpoint")
+        started_from = state["config"].get("llm_init_checkpoint")
+        if started_from != path:
+            raise ValueError(
+                f"'resume_checkpoint' = {config['resume_checkpoint']!r} goes on with a run started from "
+                f"'llm_init_checkpoint' = {started_from!r}, not {path!r}: a warm start begins a new run; set one."
+            )
+        getLogger().info(f"Resuming a run warm-started from {path}: its weights come from the resumed state.")
+        return None
     checkpoint = safe_load(path, "llm_init_checkpoint")
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
         raise ValueError(f"'llm_init_checkpoint' = {path!r} is not a model checkpoint (no config and state_dict).")

@@ -163,6 +163,32 @@ def test_a_killed_run_resumes_to_the_same_metrics_from_an_epoch_a_batch_or_its_t
         assert result[key] == expected[key], key
 
 
+def test_a_killed_warm_started_run_resumes_from_its_own_state_not_from_the_warm_start(
+    sasrec_checkpoint, llm_cache, tmp_path
+):
+    # The grid resumes a killed row with the row's own keys, llm_init_checkpoint among them: the resumed run must go
+    # on from its training state (loading the warm start again would overwrite the trained weights) and end where
+    # the uninterrupted run ends.
+    config = {**TINY, "model": "iLoRA", "epochs": 1, "test_modes": ["uni19"], "llm_train_sequences_per_user": 8}
+    config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, checkpoint_dir=str(tmp_path / "head"))
+    head = objective_function(config_dict=config)["saved_model_file"]
+    config.update(epochs=2, stopping_step=5, training_state_every_batches=0, llm_init_checkpoint=head)
+    process, expected = run_in_subprocess({**config, "checkpoint_dir": "saved-whole"}, tmp_path, "whole")
+    assert process.returncode == 0, process.stderr[-3000:]
+    state, _, model_file, result = killed_and_resumed(config, tmp_path, "warm", 1)
+    assert state["epoch"] == 1
+    for key in ("best_valid_result", "test_results"):
+        assert result[key] == expected[key], key
+    assert result["train_losses"] == expected["train_losses"][1:]
+
+    other = tmp_path / "other-head.pth"
+    shutil.copy(head, other)  # the same weights under another name: still another run's start
+    with pytest.raises(ValueError, match="goes on with a run started from 'llm_init_checkpoint' = .*head"):
+        objective_function(
+            config_dict={**config, "llm_init_checkpoint": str(other), "resume_checkpoint": str(model_file)}
+        )
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes(sasrec_checkpoint, llm_cache, tmp_path):
     config = {**TINY, "model": "iLoRA", "epochs": 1, "checkpoint_dir": "saved-early"}
     config.update(sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, llm_train_sequences_per_user=8)
