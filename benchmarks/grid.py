@@ -601,8 +601,13 @@ def earlier_attempt(work, run_id, continual=False):
         states = re.findall(r"(?:\(progress: |continual: resuming )(\S+?\.continual\.json)", text)
     else:
         states = re.findall(r"Training state(?::| loaded from) (\S+?\.training_state\.pth)", text)
-    # A worker that died of an error is not resumed: the error may have been in what it trained.
-    state = states[-1] if states and "Traceback (most recent call last)" not in text else None
+    # A worker that died of an error is not resumed: the error may have been in what it trained. One that died before
+    # it loaded or wrote any state (refused in its setup) trained nothing: the state it was to resume from stands.
+    failed = "Traceback (most recent call last)" in text
+    if failed and not states and earlier.get("resume_checkpoint"):
+        states = [os.path.relpath(earlier["resume_checkpoint"], work)]
+        failed = False
+    state = states[-1] if states and not failed else None
     moved = logs / f"{run_id}.attempt-{len(attempts) + 1}.log"
     # The attempt lasted until its last write: its log's, or, killed in its tests (which log nothing until they end),
     # the last line of the scores and answers it journaled next to its checkpoint, which the next attempt keeps.

@@ -784,13 +784,18 @@ def test_a_killed_grid_run_resumes_from_the_training_state_its_log_names(tmp_pat
     assert second["resume_checkpoint"] == first["resume_checkpoint"]
     assert [a["log"] for a in second["earlier_attempts"]] == ["r.attempt-1.log", "r.attempt-2.log"]
 
-    # A worker that died of an error starts again from scratch (the error may be in what it trained).
+    # A worker refused in its setup, before it loaded any state, resumes from the same state next time.
     (logs / "r.spec.json").write_text(json.dumps({"run_id": "r", **second}))
+    (logs / "r.log").write_text("Traceback (most recent call last):\n  ValueError: 'llm_init_checkpoint' ...\n")
+    refused = grid.earlier_attempt(tmp_path, "r")
+    assert refused["resume_checkpoint"] == first["resume_checkpoint"] and len(refused["earlier_attempts"]) == 3
+    # A worker that died of an error starts again from scratch (the error may be in what it trained).
+    (logs / "r.spec.json").write_text(json.dumps({"run_id": "r", **refused}))
     (logs / "r.log").write_text(
         "Training state: saved/iLoRA-x.training_state.pth (resume\nTraceback (most recent call last):\n  ValueError\n"
     )
     third = grid.earlier_attempt(tmp_path, "r")
-    assert third["resume_checkpoint"] is None and len(third["earlier_attempts"]) == 3
+    assert third["resume_checkpoint"] is None and len(third["earlier_attempts"]) == 4
 
     # The record's wall time: the attempts a resumed run went on from, back to the last fresh start.
     walls = [{"wall_seconds": 100.0, "resumed_from": None}, {"wall_seconds": 10.0, "resumed_from": "s"}]
