@@ -2,7 +2,8 @@
 
 Order of precedence (lowest first), as in RecBole: RecBole's own property files, then this plugin's
 ``properties/model/<model>.yaml`` (and first those of the model's plugin base classes) and
-``properties/dataset/<dataset>.yaml``, then ``--config_files``, then
+``properties/dataset/<dataset>.yaml``, then ``properties/dataset/<dataset>/<model>.yaml`` (a model's settings for
+that dataset), then ``--config_files``, then
 ``config_dict``, then ``--key=value`` on the command line.
 """
 
@@ -55,7 +56,11 @@ class Config(RecBoleConfig):
         for cls in reversed(model_class.__mro__):
             if cls.__module__.startswith("recbole_ilora."):
                 self._load_plugin_property_file(root / "model" / f"{cls.__name__}.yaml")
-        dataset_keys = self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml")
+        dataset_keys = list(self._load_plugin_property_file(root / "dataset" / f"{dataset}.yaml"))
+        # A model's settings for one dataset (CoFiRec's levels and the item fields they read), after the dataset's.
+        for cls in reversed(model_class.__mro__):
+            if cls.__module__.startswith("recbole_ilora."):
+                dataset_keys += self._load_plugin_property_file(root / "dataset" / dataset / f"{cls.__name__}.yaml")
         self.parameters["Dataset"] += [key for key in dataset_keys if key not in self.parameters["Dataset"]]
 
     def _set_default_parameters(self):

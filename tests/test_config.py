@@ -32,6 +32,17 @@ def test_recbole_baseline_shares_the_dataset_protocol():
     assert "lora_num_experts" not in config
 
 
+def test_a_models_settings_for_a_dataset_come_after_the_datasets_and_touch_no_other_model():
+    cofirec = Config(model="CoFiRec", dataset="ml-100k")  # properties/dataset/ml-100k/CoFiRec.yaml
+    assert cofirec["load_col"]["item"] == ["item_id", "movie_title", "release_year", "class"]
+    assert cofirec["cofirec_levels"][0] == "{class}" and cofirec["cofirec_levels"][-1] == "cf"
+    assert len(cofirec["cofirec_codebook_sizes"]) == 4
+    assert Config(model="CoFiRec", dataset="lastfm")["cofirec_levels"] == ["cf", "{title}", "cf"]
+    assert Config(model="iLoRA", dataset="ml-100k")["load_col"]["item"] == ["item_id", "movie_title"]
+    cli = Config(model="CoFiRec", dataset="ml-100k", config_dict={"cofirec_codebook_sizes": [8, 8, 8, 8]})
+    assert cli["cofirec_codebook_sizes"] == [8, 8, 8, 8]  # the user's settings still win
+
+
 def test_precedence_config_file_then_dict_then_command_line(tmp_path, monkeypatch):
     config_file = tmp_path / "override.yaml"
     config_file.write_text("lora_num_experts: 2\nlora_alpha: 8\nlearning_rate: 0.01\n")

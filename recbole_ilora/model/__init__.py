@@ -9,8 +9,9 @@ from recbole_ilora import _compat
 _compat.apply()
 
 from recbole_ilora.model.caseq import CaseQ  # noqa: E402
+from recbole_ilora.model.cofirec import CoFiRec  # noqa: E402
 from recbole_ilora.model.ilora import iLoRA  # noqa: E402
 from recbole_ilora.model.laser import Laser  # noqa: E402
 from recbole_ilora.model.uniform_lora import UniformLoRA  # noqa: E402
 
-__all__ = ["CaseQ", "iLoRA", "Laser", "UniformLoRA"]
+__all__ = ["CaseQ", "CoFiRec", "iLoRA", "Laser", "UniformLoRA"]
