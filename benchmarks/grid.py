@@ -80,6 +80,14 @@ ROWS = {
     "iLoRA-K8": ("llm", "iLoRA", {"lora_num_experts": 8, "lora_expert_rank": 1}, "iLoRA, 8 experts x rank 1"),
     "iLoRA-gate-uniform": ("llm", "iLoRA", {"gate_input": "uniform"}, "iLoRA, 4x2, gate fixed at 1/4"),
     "iLoRA-gate-prompt_mean": ("llm", "iLoRA", {"gate_input": "prompt_mean"}, "iLoRA, 4x2, gate on the prompt mean"),
+    "CoFiRec": ("llm", "CoFiRec", {}, "CoFiRec: coarse-to-fine semantic IDs, a codebook per level, LoRA 8, beam 50"),
+    "CoFiRec-fused": (
+        "llm", "CoFiRec", {"cofirec_tokenizer": "fused"},
+        "CoFiRec with one residual quantiser over all levels fused (TIGER/LETTER), the same ID length and sizes",
+    ),
+    "CoFiRec-reversed": (
+        "llm", "CoFiRec", {"cofirec_level_order": "fine_to_coarse"}, "CoFiRec's codes emitted fine to coarse",
+    ),
     "UniformLoRA-generative": ("llm", "UniformLoRA", {}, "UniformLoRA trained and tested the paper's way (generative)"),
     "iLoRA-generative": ("llm", "iLoRA", {}, "iLoRA trained and tested the paper's way (generative)"),
     "iLoRA-K1-generative": (
@@ -136,7 +144,8 @@ GENERATIVE_ROWS = ["UniformLoRA-generative", "iLoRA-generative", *GENERATIVE_ABL
 GENERATIVE_PROPERTIES = PROPERTIES / "generative.yaml"
 HEAD_ROWS = [row for row in ROWS if row not in GENERATIVE_ROWS]
 HEAD_ABLATIONS = ["iLoRA-K1", "iLoRA-K2", "iLoRA-K8", "iLoRA-gate-uniform", "iLoRA-gate-prompt_mean"]
-ABLATIONS = HEAD_ABLATIONS + GENERATIVE_ABLATIONS
+COFIREC_ABLATIONS = ["CoFiRec-fused", "CoFiRec-reversed"]  # issue 44: what isolates CoFiRec's idea
+ABLATIONS = HEAD_ABLATIONS + GENERATIVE_ABLATIONS + COFIREC_ABLATIONS
 # Rows run on some datasets only: the paper's-protocol ablations on ml-100k (issue 19's budget).
 ROW_DATASETS = {row: {"ml-100k"} for row in [*GENERATIVE_ABLATIONS, *INIT_FROM]}
 # Rows run for some seeds only. Issue 19's budget is about 40 CPU-hours for the whole grid, and its rule is to cut the

@@ -95,6 +95,11 @@ class CoFiRec(LLMSequentialRecommender):
                     f"'cofirec_levels' reads the item fields {missing}, which are not loaded: add them to load_col's "
                     f"item fields (now {loaded})."
                 )
+        if config["llm_loss_positions"] != "all":
+            raise ValueError(
+                f"CoFiRec trains a target at every history position: 'llm_loss_positions' must be 'all', got "
+                f"{config['llm_loss_positions']!r}."
+            )
         require_choice(config, "cofirec_tokenizer", TOKENIZERS)
         require_choice(config, "cofirec_level_order", LEVEL_ORDERS)
         require_int(config, "cofirec_tokenizer_steps", 0)
