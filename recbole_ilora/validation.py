@@ -33,3 +33,8 @@ def require_str_list(config, key):
 def require_choice(config, key, choices):
     if config[key] not in choices:
         raise ValueError(f"Make sure '{key}' in {list(choices)}, got {config[key]!r}.")
+
+
+def require_bool(config, key):
+    if not isinstance(config[key], bool):
+        raise ValueError(f"Make sure '{key}' is True or False, got {config[key]!r}.")

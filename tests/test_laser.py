@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, TINY
 from recbole.data import create_dataset
 
 from recbole_ilora.config import Config
 from recbole_ilora.data import prepare_data
-from recbole_ilora.model.laser import Laser, MFormer
+from recbole_ilora.model.laser import Laser, MFormer, table_geometry
 from recbole_ilora.quick_start import objective_function
 from recbole_ilora.saved_run import load_data_and_model
 
@@ -119,6 +120,9 @@ def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_
     # weights were trained against (the official code's model.I), the best epoch's, which the checkpoint holds.
     assert calls == ["train", "train"]
     assert set(result["test_results"]) == {"full", "uni19"} and result["model_summary"]["balance_loss"] > 0
+    geometry = result["model_summary"]["table_geometry"]  # the first table (initial weights) and the tested one
+    assert geometry["tables"] == 2 and geometry["first"] == table_geometry(tables[0])
+    assert geometry["last"] == table_geometry(tables[-1])
     checkpoint = torch.load(result["saved_model_file"], weights_only=True)
     assert torch.equal(checkpoint["other_parameter"]["item_vectors"], tables[checkpoint["epoch"]])
 
@@ -149,6 +153,19 @@ def test_item_table_is_refreshed_each_epoch_and_shared_by_the_test_modes(sasrec_
         figures = json.load(file)
     assert figures["sequences"] == 32
     assert figures["trained_cross_entropy"] < figures["untrained_cross_entropy"] - 0.05
+    assert figures["table_geometry"] == table_geometry(checkpoint["other_parameter"]["item_vectors"])
+    assert figures["test_users"] > 0 and figures["probe_training_sequences"] > figures["sequences"]
+    assert figures["sasrec_hit@10"] == pytest.approx(result["encoder_test_result"]["hit@10"], abs=5e-5)
+
+
+def test_the_linear_probe_recovers_a_linear_map(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import laser_loss
+
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 4, generator=generator), torch.randn(5, 3, generator=generator)
+    y = torch.cat([x, torch.ones(50, 1)], 1) @ w
+    torch.testing.assert_close(laser_loss.linear_probe(x, y, ridge=0.0).float(), w, atol=1e-5, rtol=1e-5)
 
 
 def laser_with(sasrec_checkpoint, llm_cache, **overrides):
@@ -252,3 +269,39 @@ def test_stage_1_aligns_the_prefix_with_the_historys_title_embeddings_without_th
             probs, seq != 0
         )
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_table_geometry_against_tables_whose_answer_is_known():
+    orthonormal = torch.cat([torch.zeros(1, 6), torch.eye(6)[:4] * 3.0])  # row 0: padding, left out
+    geometry = table_geometry(orthonormal)
+    assert geometry["mean_cosine"] == pytest.approx(0.0, abs=1e-12)
+    assert geometry["effective_rank"] == pytest.approx(4.0)  # four equal singular values
+    parallel = torch.cat(
+        [torch.zeros(1, 3), torch.tensor([[1.0, 2.0, 2.0]]).repeat(5, 1) * torch.arange(1, 6)[:, None]]
+    )
+    geometry = table_geometry(parallel)
+    assert geometry["mean_cosine"] == pytest.approx(1.0) and geometry["effective_rank"] == pytest.approx(1.0)
+    assert geometry["centred_effective_rank"] == 0.0  # nothing left once the common direction is removed
+    # Two directions at 60 degrees: pairs (a, a) 1, (a, b) 0.5; 2 a's and 2 b's: (2 + 4 * 0.5) / 6 pairs.
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 3**0.5 / 2])
+    geometry = table_geometry(torch.stack([torch.zeros(2), a, a, b, b]))
+    assert geometry["mean_cosine"] == pytest.approx(4 / 6)
+
+
+def test_centring_scores_the_cosine_of_both_sides_less_the_tables_mean(sasrec_checkpoint, llm_cache):
+    model, _ = laser_with(sasrec_checkpoint, llm_cache, laser_center=True)
+    generator = torch.Generator().manual_seed(2)
+    table = torch.randn(model.n_items, model.llm_size, generator=generator) + 5.0  # a large common direction
+    table[0] = 0
+    model.item_vectors = table
+    user = torch.randn(3, model.llm_size, generator=generator) + 5.0
+    mean = table[1:].mean(0)
+    expected = F.cosine_similarity((user - mean)[:, None], (table - mean)[None], dim=-1) / model.temperature
+    torch.testing.assert_close(model.score_items(user), expected, atol=1e-4, rtol=1e-4)
+    model.center = False  # the paper's score: the common direction makes every cosine large
+    plain = model.score_items(user)
+    assert (
+        float(plain[:, 1:].mean()) * model.temperature > 0.9 > float(expected[:, 1:].abs().mean()) * model.temperature
+    )
+    with pytest.raises(ValueError, match="'laser_center' is True or False"):
+        laser_with(sasrec_checkpoint, llm_cache, laser_center="yes")

@@ -201,8 +201,8 @@ class CoFiRec(LLMSequentialRecommender):
         rows = []
         was_training = self.training
         self.eval()
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start : start + batch_size]
+        batches = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+        for batch in self._progress(batches, "CoFiRec text embedding"):
             encoded = [self.tokenizer(text, add_special_tokens=True)["input_ids"] for text in batch]
             width = max(len(ids) for ids in encoded)
             ids = torch.zeros(len(encoded), width, dtype=torch.long)

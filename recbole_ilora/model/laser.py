@@ -23,7 +23,10 @@ only what goes in front of the prompt (a prefix) and behind it (a suffix) is tra
   the user side had learnt to match: on the cycle fixture, Hit@1 0.03 after 6 epochs.) A model that never trained
   (no table) computes one from its current weights.
 - **Score and loss.** Cosine similarity of the user vector and every item vector divided by ``laser_temperature``
-  (0.05); cross-entropy over all items, plus the balance loss.
+  (0.05); cross-entropy over all items, plus the balance loss. With ``laser_center`` (off by default; issue 43's
+  option against anisotropy: LLM vectors of different prompts are nearly parallel, so the cosine's spread is small)
+  the table's mean item vector is subtracted from both sides first. Every run records the table's geometry
+  (:func:`table_geometry`) for its first and its tested table.
 - **Stage 1** (``laser_stage1_epochs``, before everything else; the official code's first stage). The M-Former is
   aligned with the history's text by a contrastive loss, without the LLM: the history's text is the mean of the
   frozen backbone's input embeddings over its items' title tokens (no extra download; the paper uses BERT-base, and
@@ -56,7 +59,33 @@ from torch import nn
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.backbone import FrozenBackbone
 from recbole_ilora.model.prompt import PromptBuilder
-from recbole_ilora.validation import require_float, require_int, require_positive
+from recbole_ilora.validation import require_bool, require_float, require_int, require_positive
+
+
+def table_geometry(table):
+    """The geometry of an item table ``[n_items, H]`` (row 0, the padding item, left out), for issue 43's question of
+    whether anisotropy holds the cosine score back: ``mean_cosine``, the mean cosine over all pairs of distinct items
+    (exact, from the norm of the sum of the unit rows); ``effective_rank``, exp of the entropy of the normalised
+    singular values of the unit rows (Roy and Vetterli 2007: n for n orthonormal rows, 1 for identical rows); and
+    ``centred_effective_rank``, the same after the mean unit row is removed (what ``laser_center`` scores with)."""
+    unit = F.normalize(table[1:].double(), dim=-1)
+    n = unit.shape[0]
+    total = unit.sum(0)
+    mean_cosine = (float(total @ total) - n) / (n * (n - 1)) if n > 1 else float("nan")
+
+    def effective_rank(matrix):
+        values = torch.linalg.svdvals(matrix)
+        if float(values.sum()) == 0.0:
+            return 0.0
+        p = values / values.sum()
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    return {
+        "mean_cosine": mean_cosine,
+        "effective_rank": effective_rank(unit),
+        "centred_effective_rank": effective_rank(unit - unit.mean(0)),
+    }
 
 
 class MFormer(nn.Module):
@@ -138,6 +167,7 @@ class Laser(LLMSequentialRecommender):
         require_int(config, "laser_stage1_epochs", 0)
         require_positive(config, "laser_stage1_temperature")
         require_float(config, "laser_stage1_label_smoothing", 0.0, 1.0)
+        require_bool(config, "laser_center")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -177,13 +207,17 @@ class Laser(LLMSequentialRecommender):
             self.stage1_log_scale = nn.Parameter(torch.tensor(math.log(1.0 / config["laser_stage1_temperature"])))
         self._title_vectors = None  # [n_items, H]: each title's mean token embedding (stage 1's text side)
         self.epoch = 0  # the training epoch under way (start_epoch)
+        self.center = bool(config["laser_center"])
+        self.geometry = {}  # table_geometry of the first table built (initial weights) and the latest (reported)
 
     def build_llm(self, backbone, config):
         return FrozenBackbone(backbone)
 
     def training_summary(self):
-        """What the runner records after training: the balance loss of the last step."""
-        return {"balance_loss": self.last_balance_loss}
+        """What the runner records after training (and its tests): the balance loss of the last step, and the item
+        table's geometry when the first table was built (``first``: the initial weights) and the latest (``last``:
+        the tested table), with the number of tables built."""
+        return {"balance_loss": self.last_balance_loss, "table_geometry": dict(self.geometry) or None}
 
     def build_bridges(self):
         return None, None  # no slots, no head: prefix, suffix and the cosine of LLM vectors
@@ -323,12 +357,20 @@ class Laser(LLMSequentialRecommender):
         """The item table to score against (see the module docstring)."""
         if self.item_vectors is None:
             self.item_vectors = self.item_table()
+            geometry = table_geometry(self.item_vectors)
+            self.geometry.setdefault("first", geometry)
+            self.geometry["last"] = geometry
+            self.geometry["tables"] = self.geometry.get("tables", 0) + 1
         return self.item_vectors
 
     # ----- RecBole's contract --------------------------------------------------------------------------------
     def score_items(self, user_repr, items=None):
-        table = F.normalize(self.current_table(), dim=-1)
-        user = F.normalize(user_repr, dim=-1)
+        table, user = self.current_table(), user_repr
+        if self.center:  # both sides less the table's mean item vector (laser_center), then the cosine
+            mean = table[1:].mean(0)
+            table, user = table - mean, user - mean
+        table = F.normalize(table, dim=-1)
+        user = F.normalize(user, dim=-1)
         if items is None:
             return user @ table.t() / self.temperature
         return (user * table[items]).sum(-1) / self.temperature
