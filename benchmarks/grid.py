@@ -205,7 +205,8 @@ NEUTRAL_DEFAULTS = {
     "continual_cumulative": False,
     "continual_l2_weights": [0.1, 1, 10], "llm_init_checkpoint": None, "laser_phase1_epochs": 0,
     "laser_phase1_negatives": 10, "laser_stage1_epochs": 0, "laser_stage1_temperature": 0.07,
-    "laser_stage1_label_smoothing": 0.1, "laser_center": False,
+    "laser_stage1_label_smoothing": 0.1, "laser_center": False, "laser_mformer_lr_scale": 1.0,
+    "llm_lr_warmup_steps": 0, "llm_lr_schedule": "constant",
 }  # fmt: skip
 # Keys read by the LLM model only, never by the SASRec encoder it reads, at the values the recorded encoder runs were
 # hashed with (None: the key did not exist then). An encoder run's hash sees these values whatever the LLM rows use, so

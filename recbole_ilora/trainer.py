@@ -18,6 +18,7 @@ Both are written atomically (a kill during a save leaves the previous file intac
 ``torch.load(weights_only=True)``: tensors and plain values, never pickled code.
 """
 
+import math
 import os
 import random
 from collections import OrderedDict
@@ -70,6 +71,21 @@ def set_random_states(states):
     random.setstate((version, tuple(internal), gauss_next))
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule):
+    """The learning-rate multiplier at training step ``step`` (0-based, counted over every epoch): a linear warm-up
+    over the first ``warmup_steps`` steps ((step + 1) / warmup), then ``constant`` 1 or ``cosine`` decay to 0 over
+    the remaining steps of ``total_steps`` (the official Laser code's schedule; SLMRec's)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
 class LLMRecTrainer(Trainer):
     """RecBole's Trainer; the optimizer holds only parameters that require gradients (adapter, gate, projector,
     head), never the frozen (possibly 4-bit) backbone, so its state and checkpoints stay small."""
@@ -102,8 +118,28 @@ class LLMRecTrainer(Trainer):
         return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     def _build_optimizer(self, **kwargs):
-        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        """Over the trained parameters only; a model with ``parameter_groups()`` (Laser: the M-Former's own rate)
+        gets one group per part, each with its ``lr_scale`` of ``learning_rate``."""
+        if "params" not in kwargs:
+            groups = getattr(self.model, "parameter_groups", None)
+            groups = groups() if groups else [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+            learning_rate = self.config["learning_rate"]
+            kwargs["params"] = [
+                {"params": group["params"], "lr": learning_rate * group.get("lr_scale", 1.0),
+                 "initial_lr": learning_rate * group.get("lr_scale", 1.0)}
+                for group in groups
+            ]  # fmt: skip
         return super()._build_optimizer(**kwargs)
+
+    def schedule_learning_rate(self, epoch, index, batches_per_epoch):
+        """Set every parameter group's rate for batch ``index`` of ``epoch`` (``llm_lr_warmup_steps``,
+        ``llm_lr_schedule``): a function of the step alone, so a resumed run sets the very rates it would have."""
+        warmup, schedule = int(self.config["llm_lr_warmup_steps"] or 0), self.config["llm_lr_schedule"] or "constant"
+        if not warmup and schedule == "constant":
+            return
+        factor = lr_factor(epoch * batches_per_epoch + index, self.epochs * batches_per_epoch, warmup, schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
 
     def _is_writer(self):
         return self.config["single_spec"] or self.config["local_rank"] == 0
@@ -259,6 +295,7 @@ class _ResumableBatches:
                 random_after_fetch = random_states()  # the state a resumed run restores after drawing this batch
                 trainer.save_training_state(self._epoch, batch=index, loader_state=self._loader_state)
                 set_random_states(random_after_fetch)
+            trainer.schedule_learning_rate(self._epoch, index, len(self._loader))
             yield batch
             if hasattr(trainer.model, "record_proximal_step"):  # the batch's backward and step have run
                 trainer.model.record_proximal_step()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATA_DIR, REPO_ROOT
+from conftest import DATA_DIR, REPO_ROOT, TINY
 
 
 def test_runner_trains_a_recbole_baseline_with_config_files_and_overrides(tmp_path):
@@ -136,3 +136,51 @@ def test_an_installed_copy_names_its_version_and_phases_keep_wall_and_cpu_time_a
             pass
     assert timings["waiting"] >= 0.3 and timings.cpu["waiting"] < 0.15
     assert timings.cpu["working"] >= 0.3 and set(timings) == set(timings.cpu) == {"waiting", "working"}
+
+
+def test_the_learning_rate_warms_up_then_decays_by_the_step_alone():
+    from recbole_ilora.trainer import lr_factor
+
+    assert [lr_factor(step, 10, 4, "cosine") for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4, "cosine") == 1.0  # the decay starts after the warm-up
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.5)  # half-way through the 6 decaying steps
+    assert lr_factor(10, 10, 4, "cosine") == pytest.approx(0.0)
+    assert lr_factor(9, 10, 0, "constant") == 1.0 and lr_factor(1, 10, 4, "constant") == 0.5
+
+
+def test_the_trainer_sets_each_batchs_rate_and_laser_trains_its_parts_at_their_own(
+    sasrec_checkpoint, llm_cache, monkeypatch
+):
+    import math
+
+    from recbole_ilora.model.laser import Laser
+    from recbole_ilora.quick_start import objective_function
+
+    seen = []
+    original = Laser.calculate_loss
+
+    def recording(self, interaction):
+        seen.append([group["lr"] for group in self._optimizer_groups])
+        return original(self, interaction)
+
+    monkeypatch.setattr(Laser, "calculate_loss", recording)
+    from recbole_ilora import trainer as trainer_module
+
+    built = trainer_module.LLMRecTrainer._build_optimizer
+
+    def keep_groups(self, **kwargs):
+        optimizer = built(self, **kwargs)
+        self.model._optimizer_groups = optimizer.param_groups
+        return optimizer
+
+    monkeypatch.setattr(trainer_module.LLMRecTrainer, "_build_optimizer", keep_groups)
+    config = {**TINY, "model": "Laser", "mformer_num_queries": 4, "mformer_hidden_size": 16, "mformer_num_heads": 2,
+              "mformer_num_layers": 1, "epochs": 2, "train_batch_size": 128, "learning_rate": 0.01,
+              "llm_lr_warmup_steps": 2, "llm_lr_schedule": "cosine", "laser_mformer_lr_scale": 0.1,
+              "sasrec_checkpoint": sasrec_checkpoint, "llm_cache_dir": llm_cache, "test_modes": ["full"]}  # fmt: skip
+    objective_function(config_dict=config)
+    steps = len(seen)
+    assert steps >= 4 and steps % 2 == 0  # two epochs of the same number of batches
+    for step, (mformer, rest) in enumerate(seen):
+        warm = (step + 1) / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / (steps - 2)))
+        assert rest == pytest.approx(0.01 * warm) and mformer == pytest.approx(0.001 * warm), step

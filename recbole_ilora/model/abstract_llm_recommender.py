@@ -128,6 +128,11 @@ class LLMSequentialRecommender(SequentialRecommender):
                 f"Make sure 'continual_penalty' in ['none', 'l2', 'softmax_kl'], got {config['continual_penalty']!r}."
             )
         require_int(config, "continual_blocks", 1)
+        require_int(config, "llm_lr_warmup_steps", 0)
+        if (config["llm_lr_schedule"] or "constant") not in ("constant", "cosine"):
+            raise ValueError(
+                f"Make sure 'llm_lr_schedule' in ['constant', 'cosine'], got {config['llm_lr_schedule']!r}."
+            )
         if config["prompt_chat_template"] not in CHAT_TEMPLATE_CHOICES:
             raise ValueError(
                 f"Make sure 'prompt_chat_template' in ['auto', True, False], got {config['prompt_chat_template']!r}."

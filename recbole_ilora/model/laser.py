@@ -168,6 +168,7 @@ class Laser(LLMSequentialRecommender):
         require_positive(config, "laser_stage1_temperature")
         require_float(config, "laser_stage1_label_smoothing", 0.0, 1.0)
         require_bool(config, "laser_center")
+        require_positive(config, "laser_mformer_lr_scale")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -208,6 +209,7 @@ class Laser(LLMSequentialRecommender):
         self._title_vectors = None  # [n_items, H]: each title's mean token embedding (stage 1's text side)
         self.epoch = 0  # the training epoch under way (start_epoch)
         self.center = bool(config["laser_center"])
+        self.mformer_lr_scale = config["laser_mformer_lr_scale"]
         self.geometry = {}  # table_geometry of the first table built (initial weights) and the latest (reported)
 
     def build_llm(self, backbone, config):
@@ -221,6 +223,14 @@ class Laser(LLMSequentialRecommender):
 
     def build_bridges(self):
         return None, None  # no slots, no head: prefix, suffix and the cosine of LLM vectors
+
+    def parameter_groups(self):
+        """The optimizer's groups: the M-Former at ``laser_mformer_lr_scale`` times the learning rate, the suffix (and
+        stage 1's temperature) at the learning rate (the official code trains its parts at different rates)."""
+        trained = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        mformer = [p for name, p in trained if name.startswith("mformer.")]
+        rest = [p for name, p in trained if not name.startswith("mformer.")]
+        return [{"params": mformer, "lr_scale": self.mformer_lr_scale}, {"params": rest, "lr_scale": 1.0}]
 
     # ----- encoding ------------------------------------------------------------------------------------------
     def encode(self, text_prompt, items, mask):
