@@ -32,6 +32,7 @@ from recbole_ilora.data import (
     protocol_test_data,
     recbole_test_mode,
 )
+from recbole_ilora.journal import JsonLinesJournal
 from recbole_ilora.lapse import check_lapse_config
 from recbole_ilora.model.abstract_llm_recommender import LLMSequentialRecommender
 from recbole_ilora.model.backbone import file_digest
@@ -320,7 +321,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
                     tests.enter_context(model.reusing_encodings())  # the same weights: each is encoded once
                 if journaled:
                     scores_file = test_journal_file(trainer.saved_model_file, "test_scores")
-                    tests.enter_context(model.journaling_scores(scores_file, fresh=fresh))
+                    journal = tests.enter_context(JsonLinesJournal(scores_file, fresh=fresh))
+                    tests.enter_context(model.journaling_scores(journal))
                 own_mode = recbole_test_mode(config)
                 if own_mode is not None:  # RecBole's test is one of the test modes: run it once, on the seeded loader
                     test_data = protocol_test_data(config, own_mode)
