@@ -118,11 +118,13 @@ class LLMRecTrainer(Trainer):
         return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     def _build_optimizer(self, **kwargs):
-        """Over the trained parameters only; a model with ``parameter_groups()`` (Laser: the M-Former's own rate)
-        gets one group per part, each with its ``lr_scale`` of ``learning_rate``."""
+        """Over the trained parameters only, one group per part an LLM model names in ``parameter_groups()`` (Laser:
+        the M-Former's own rate), each at its ``lr_scale`` of ``learning_rate``."""
         if "params" not in kwargs:
-            groups = getattr(self.model, "parameter_groups", None)
-            groups = groups() if groups else [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+            if isinstance(self.model, LLMSequentialRecommender):
+                groups = self.model.parameter_groups()
+            else:
+                groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
             learning_rate = self.config["learning_rate"]
             kwargs["params"] = [
                 {"params": group["params"], "lr": learning_rate * group.get("lr_scale", 1.0),
@@ -297,5 +299,5 @@ class _ResumableBatches:
                 set_random_states(random_after_fetch)
             trainer.schedule_learning_rate(self._epoch, index, len(self._loader))
             yield batch
-            if hasattr(trainer.model, "record_proximal_step"):  # the batch's backward and step have run
+            if isinstance(trainer.model, LLMSequentialRecommender):  # the batch's backward and step have run
                 trainer.model.record_proximal_step()

@@ -275,6 +275,11 @@ class LLMSequentialRecommender(GenerativeObjective, SequentialRecommender):
         """The expert weights each history is routed with, ``[B, K]`` (models with ``has_gate``)."""
         raise NotImplementedError(f"{type(self).__name__} has no gate.")
 
+    def parameter_groups(self):
+        """The optimizer's parameter groups, each ``{"params": [...], "lr_scale": x}`` (the trainer sets its rate to x
+        times ``learning_rate``): one group of every trained parameter here; Laser names its parts."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     def start_epoch(self, epoch):
         """Called by the trainer as training epoch ``epoch`` (0-based, counted across a resume) starts; a model whose
         training changes with the epoch (Laser's two phases) overrides it."""
