@@ -30,7 +30,8 @@ from recbole_ilora.quick_start import objective_function
 laser = {"mformer_num_queries": 4, "mformer_hidden_size": 16, "mformer_num_heads": 2, "mformer_num_layers": 1}
 runs = {
     "sasrec": {**TINY, "model": "SASRec", "epochs": 2},
-    "ilora": {**TINY, "model": "iLoRA", "epochs": 1, "llm_train_sequences_per_user": 8, "test_modes": ["full", "uni19"]},
+    "ilora": {**TINY, "model": "iLoRA", "epochs": 1, "llm_train_sequences_per_user": 8,
+              "test_modes": ["full", "uni19"]},
     "generative": {**TINY, "model": "iLoRA", "objective": "generative", "epochs": 1, "llm_train_sequences_per_user": 1,
                    "eval_args": {**TINY["eval_args"], "mode": "uni19"}, "test_modes": ["uni19"], "num_candidates": 5,
                    "generation_max_new_tokens": 4},
@@ -47,8 +48,9 @@ state = torch.load(result["saved_model_file"], weights_only=True)["state_dict"]
 weights = hashlib.sha256(b"".join(state[k].contiguous().cpu().numpy().tobytes() for k in sorted(state)))
 tests = result.get("test_results") or {"test": result["test_result"]}
 generative = {k: v for k, v in (result.get("generative_result") or {}).items() if k != "generations_file"}
-print("FIGURES " + json.dumps({"saved_model_file": result["saved_model_file"], "test": {m: dict(r) for m, r in tests.items()},
-      "train_losses": result["train_losses"], "weights": weights.hexdigest(), "generative": generative}, default=float))
+figures = {"saved_model_file": result["saved_model_file"], "test": {m: dict(r) for m, r in tests.items()},
+           "train_losses": result["train_losses"], "weights": weights.hexdigest(), "generative": generative}
+print("FIGURES " + json.dumps(figures, default=float))
 """
 
 
@@ -87,6 +89,7 @@ def main():
                 new = run(REPO, name, encoder, work / f"now-{name}")
                 if old is None:
                     report["runs"][name] = "not at --before"
+                    print(f"{name}: no such model at {args.before}")
                     continue
                 keys = ("test", "train_losses", "weights", "generative")
                 same = {key: old[key] == new[key] for key in keys}
