@@ -207,3 +207,15 @@ def test_the_package_has_no_import_circle_even_through_function_level_imports(tm
     (package / "c.py").write_text("import pkg.b\n")
     found = import_graph.circles(import_graph.import_graph(package))
     assert found == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+def test_every_module_imports_from_its_layer_or_below(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import import_graph
+
+    graph = import_graph.import_graph()
+    assert import_graph.upward_imports(graph) == []  # every module placed, none importing upwards
+    assert import_graph.layer_of("recbole_ilora.model.cofirec") == import_graph.layer_of("recbole_ilora.model")
+    # the check sees an upward import: the model package reaching for the trainer
+    graph["recbole_ilora.model.ilora"] = [*graph["recbole_ilora.model.ilora"], "recbole_ilora.trainer"]
+    assert import_graph.upward_imports(graph) == [("recbole_ilora.model.ilora", "recbole_ilora.trainer")]
