@@ -1709,6 +1709,7 @@ def claims_lines(dataset, planned, by_row, output):
     llm_records = [record for records in by_row.values() for record in records if ROWS[record["row"]][0] == "llm"]
     lines = claims.claims_section(dataset, by_row, backbone, budgets_line(llm_records, planned) or training_budget())
     lines += ["", *claims.targets_section(dataset, by_row, encoder_results)]
+    lines += ["", *claims.cofirec_claims_section(by_row)]
     return [*lines, ""]
 
 

@@ -1085,3 +1085,25 @@ def test_the_sasrec_target_is_met_only_when_ilora_is_ahead_by_two_pooled_stds(mo
     # means 0.07 and 0.06, stds 0.002 each: d = +5.0
     line = rows([0.068, 0.07, 0.072], [0.058, 0.06, 0.062])
     assert "d = +5.0" in line and line.endswith("| yes |")
+
+
+def test_cofirecs_claims_compare_it_with_each_ablation_and_wait_for_its_first_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import claims
+
+    def record(row, ndcg, hit):
+        return {"row": row, "test": {"full": {"ndcg@10": ndcg}, "uni19": {"hit@1": hit}}}
+
+    assert claims.cofirec_claims_section({"SASRec": [record("SASRec", 0.06, 0.4)]}) == []  # nothing run yet
+    by_row = {
+        "CoFiRec": [record("CoFiRec", v, 0.30) for v in (0.050, 0.052, 0.054)],  # mean 0.052, std 0.002
+        "CoFiRec-fused": [record("CoFiRec-fused", v, 0.31) for v in (0.040, 0.042, 0.044)],  # d = +5.0
+        "SASRec": [record("SASRec", v, 0.40) for v in (0.060, 0.062, 0.064)],
+    }
+    lines = claims.cofirec_claims_section(by_row)
+    fused = next(line for line in lines if line.startswith("| coarse to fine beats fused (full ranking)"))
+    assert "d = +5.0" in fused and fused.endswith("| reproduced |")
+    baselines = next(line for line in lines if line.startswith("| CoFiRec beats the baselines"))
+    assert "vs SASRec 0.0620" in baselines and baselines.endswith("| not reproduced (the other way round) |")
+    order = next(line for line in lines if line.startswith("| the order matters"))
+    assert order.endswith("| not measured |")  # no reversed run yet
