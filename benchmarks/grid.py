@@ -121,6 +121,20 @@ ROWS = {
         "continual", "UniformLoRA", {"continual_strategy": "softmax_kl"},
         "the same with PESO's softmax-KL proximal term (lambda 2.0)",
     ),
+    # Issue 45's curve: PESO's term at 100, 10^4 and 10^6 times the paper's lambda (its gradient measured at about 2e-6
+    # of the task loss's at lambda 2, so the term should start to act between 2e4 and 2e6); one seed.
+    "UniformLoRA-peso-lambda2e2": (
+        "continual", "UniformLoRA", {"continual_strategy": "softmax_kl", "continual_penalty_weight": 200.0},
+        "the same with PESO's term at lambda 200 (100 x the paper's)",
+    ),
+    "UniformLoRA-peso-lambda2e4": (
+        "continual", "UniformLoRA", {"continual_strategy": "softmax_kl", "continual_penalty_weight": 20000.0},
+        "the same with PESO's term at lambda 2e4",
+    ),
+    "UniformLoRA-peso-lambda2e6": (
+        "continual", "UniformLoRA", {"continual_strategy": "softmax_kl", "continual_penalty_weight": 2000000.0},
+        "the same with PESO's term at lambda 2e6",
+    ),
     "UniformLoRA-cumulative": (
         "continual", "UniformLoRA", {"continual_strategy": "cumulative"},
         "UniformLoRA retrained from scratch on all data up to each block",
@@ -155,7 +169,10 @@ ROW_DATASETS = {row: {"ml-100k"} for row in [*GENERATIVE_ABLATIONS, *INIT_FROM]}
 # the two main generative rows on both datasets (8 runs, about 9 CPU-hours) fit in the budget and are planned again.
 # The paper's-protocol ablations stay at seed 2020 (ml-100k): one seed is still a verdict, the rows of a seed answering
 # the very same candidate lists, compared user by user (claims.py). The scoring-head rows keep their 3 seeds.
+LAMBDA_ROWS = {"UniformLoRA-peso": 2.0, "UniformLoRA-peso-lambda2e2": 2e2, "UniformLoRA-peso-lambda2e4": 2e4,
+               "UniformLoRA-peso-lambda2e6": 2e6}  # issue 45's curve: lambda of each PESO row  # fmt: skip
 ROW_SEEDS = {row: [2020] for row in [*GENERATIVE_ABLATIONS, *INIT_FROM]}  # issue 42's probe: one seed first
+ROW_SEEDS.update({row: [2020] for row in LAMBDA_ROWS if row != "UniformLoRA-peso"})  # issue 45's curve: one seed
 QUICK_ROWS = ["Pop", "SASRec", "SASRec-encoder", "UniformLoRA", "iLoRA", "iLoRA-gate-uniform", "iLoRA-generative"]
 GATE_PLOT_ROWS = ["iLoRA", "iLoRA-gate-prompt_mean", "iLoRA-gate-uniform"]
 DATASETS = {  # name: data_path relative to the repository (None: RecBole's bundled data)
@@ -1122,6 +1139,7 @@ def render_continual(dataset, planned, by_row, quick, done):
         out += ["", "The L2 row's weight, chosen on block 1's validation (valid NDCG@10 of each weight): "
                 + "; ".join(f"seed {r['seed']}: {r['l2_weight']} ({r['l2_selection']})" for r in l2) + "."]  # fmt: skip
     out += proximal_share_lines(by_row)
+    out += lambda_curve_lines(dataset, by_row)
     header = "| run | what it is | finished | blocks | wall min | commit | machine |"
     out += ["", "## Runs", "", header, "|---" * 7 + "|"]
     for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
@@ -1130,6 +1148,67 @@ def render_continual(dataset, planned, by_row, quick, done):
         out.append(f"| {record['run_id']} | {ROWS[record['row']][3]} | {record['finished']} | {blocks_run} | "
                    f"{minutes} | {record['commit']} | {machine_of(record)} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def lambda_curve(by_row, seed=2020):
+    """Issue 45's curve, seed ``seed``: ``[(lambda, {(mode, metric): mean over blocks 1..T-1}, gradient ratio)]`` of
+    every PESO row that has finished, by lambda, and the same figures of fine-tuning and L2 (``{row: figures}``)."""
+    points, references = [], {}
+    for row, records in by_row.items():
+        record = next((r for r in records if r["seed"] == seed), None)
+        if record is None or later_mean(record, *CONTINUAL_METRICS[0]) is None:
+            continue
+        figures = {(mode, metric): later_mean(record, mode, metric) for mode, metric in CONTINUAL_METRICS}
+        if row in LAMBDA_ROWS:
+            shares = [b.get("proximal") for b in record["blocks"] if b["block"] > 0]
+            ratio = statistics.fmean(s["grad_norm_ratio"] for s in shares) if shares and all(shares) else None
+            points.append((LAMBDA_ROWS[row], figures, ratio))
+        elif row in ("UniformLoRA-finetune", "UniformLoRA-l2"):
+            references[row] = figures
+    return sorted(points, key=lambda point: point[0]), references
+
+
+def lambda_curve_lines(dataset, by_row):
+    """The report's section on the strength of PESO's term (issue 45): a line per lambda, fine-tuning and L2 beside."""
+    points, references = lambda_curve(by_row)
+    if len(points) < 2:
+        return []
+    metrics = " | ".join(f"{metric} ({mode})" for mode, metric in CONTINUAL_METRICS)
+    lines = ["", "## The strength of PESO's term (issue 45), seed 2020", "",
+             f"![metric against lambda]({dataset}-lambda.png)", "",
+             "UniformLoRA with PESO's softmax-KL term at lambda 2 (the paper's) and larger, each figure the mean over "
+             "blocks 1 .. T - 1; the term's gradient norm over the task loss's (mean over later blocks) says how hard "
+             "it pulls; fine-tuning (no term) and L2 (its chosen weight) of the same seed beside.", "",
+             f"| row | lambda | gradient ratio | {metrics} |",
+             "|---|---|---|" + "---|" * len(CONTINUAL_METRICS)]  # fmt: skip
+    for value, figures, ratio in points:
+        cells = " | ".join(f"{figures[key]:.4f}" for key in CONTINUAL_METRICS)
+        lines.append(f"| PESO | {value:g} | {'–' if ratio is None else f'{ratio:.3g}'} | {cells} |")
+    for row, figures in references.items():
+        lines.append(f"| {row} | – | – | " + " | ".join(f"{figures[key]:.4f}" for key in CONTINUAL_METRICS) + " |")
+    return lines
+
+
+def plot_lambda_curve(dataset, by_row, path):
+    """Each metric against lambda (log scale), fine-tuning and L2 as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, references = lambda_curve(by_row)
+    figure, axes = plt.subplots(1, len(CONTINUAL_METRICS), figsize=(12, 4.5))
+    for axis, key in zip(axes, CONTINUAL_METRICS, strict=True):
+        axis.plot([p[0] for p in points], [p[1][key] for p in points], marker="o", label="PESO (softmax-KL)")
+        for (row, figures), style in zip(references.items(), ("--", ":"), strict=False):
+            axis.axhline(figures[key], linestyle=style, color="grey", label=row)
+        axis.set_xscale("log")
+        axis.set_xlabel("lambda (the paper's: 2)")
+        axis.set_title(f"{dataset}: {key[1]} ({key[0]}), mean over blocks 1..T-1, seed 2020")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def proximal_share_lines(by_row):
@@ -1834,7 +1913,10 @@ def plot_lapse(dataset, by_row, path):
 
 
 def plot_continual(dataset, by_row, path):
-    """Under the continual protocol: each row's test figures block by block (mean over seeds, std as error bars)."""
+    """Under the continual protocol: each row's test figures block by block (mean over seeds, std as error bars);
+    with two lambdas of PESO finished, also ``<dataset>-lambda.png`` (:func:`plot_lambda_curve`)."""
+    if len(lambda_curve(by_row)[0]) >= 2:
+        plot_lambda_curve(dataset, by_row, Path(path).with_name(f"{dataset}-lambda.png"))
     import matplotlib
 
     matplotlib.use("Agg")

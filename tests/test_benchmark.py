@@ -1107,3 +1107,28 @@ def test_cofirecs_claims_compare_it_with_each_ablation_and_wait_for_its_first_ru
     assert "vs SASRec 0.0620" in baselines and baselines.endswith("| not reproduced (the other way round) |")
     order = next(line for line in lines if line.startswith("| the order matters"))
     assert order.endswith("| not measured |")  # no reversed run yet
+
+
+def test_the_lambda_curve_lists_each_pesos_strength_beside_finetuning_and_plots_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import grid
+
+    def record(seed, ndcg, hit, ratio=None):
+        share = {"grad_norm_ratio": ratio} if ratio is not None else None
+        test = {"full": {"ndcg@10": ndcg}, "uni19": {"hit@1": hit}}
+        blocks = [{"block": b, "proximal": share, "test": test} for b in range(3)]
+        return {"seed": seed, "blocks": blocks, "blocks_total": 3,
+                "mean_over_later_blocks": {"full": {"ndcg@10": ndcg}, "uni19": {"hit@1": hit}}}  # fmt: skip
+
+    by_row = {
+        "UniformLoRA-finetune": [record(2020, 0.030, 0.25), record(2021, 0.9, 0.9)],  # seed 2021 is not read
+        "UniformLoRA-peso": [record(2020, 0.030, 0.25, ratio=2e-6)],
+        "UniformLoRA-peso-lambda2e6": [record(2020, 0.020, 0.20, ratio=1.5)],
+    }
+    assert grid.lambda_curve_lines("ml-100k", {"UniformLoRA-peso": by_row["UniformLoRA-peso"]}) == []  # one point
+    lines = grid.lambda_curve_lines("ml-100k", by_row)
+    assert "| PESO | 2 | 2e-06 | 0.0300 | 0.2500 |" in lines
+    assert "| PESO | 2e+06 | 1.5 | 0.0200 | 0.2000 |" in lines
+    assert "| UniformLoRA-finetune | – | – | 0.0300 | 0.2500 |" in lines
+    grid.plot_continual("ml-100k", by_row, tmp_path / "ml-100k.png")
+    assert (tmp_path / "ml-100k-lambda.png").read_bytes().startswith(b"\x89PNG")
