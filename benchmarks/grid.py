@@ -733,7 +733,7 @@ def worker(spec_path):
         with open(record["generative"]["generations_file"], "rb") as source:
             with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
                 shutil.copyfileobj(source, target)
-    if spec["kind"] == "llm" and config["gate_input"] != "none":
+    if has_gate_report(spec, config):
         record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
     keep_superseded(Path(spec["output"]))
     write_json_atomically(spec["output"], record)
@@ -850,15 +850,39 @@ def recover(spec_path, commit=None):
         "lapse_drops": {}, "saved_model_file": saved_model_file,
         "sasrec_checkpoint": config["sasrec_checkpoint"] if spec["kind"] == "llm" else None,
         "recovered_from_log": str(log_path.name),
+        "budget": llm_budget(config) if spec["kind"] == "llm" else None,
+        "init_from": spec.get("init_from"),
     }  # fmt: skip
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    targets = re.findall(r"LLM training budget: .*?, ([\d,]+) targets per epoch", plain)
+    if targets:
+        record["trained_targets"] = int(targets[-1].replace(",", ""))
+    state = torch_load_state(saved_model_file)
+    if "tokenizer_report_bytes" in state:  # CoFiRec's IDs: their collisions and codebook usage
+        record["model_summary"] = {"tokenizer": json.loads(bytes(state["tokenizer_report_bytes"].tolist()))}
     if generative:
         with open(work / generative["generations_file"], "rb") as source:
             with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
                 shutil.copyfileobj(source, target)
-    if spec["kind"] == "llm" and config["gate_input"] not in (None, "none"):
+    if has_gate_report(spec, config):
         record["gate"] = export_gates(saved_model_file, Path(spec["output"]).with_suffix(".gates.jsonl"))
     write_json_atomically(spec["output"], record)
     print(f"recovered {spec['output']} from {log_path}")
+
+
+def has_gate_report(spec, config):
+    """Whether a run's record gets its users' routing (gates.jsonl): an LLM model with a gate (iLoRA, Laser's
+    router), the model asked (``has_gate``), and not a constant one (``gate_input: none``, UniformLoRA)."""
+    from recbole_ilora.utils import get_model
+
+    return spec["kind"] == "llm" and get_model(config["model"]).has_gate and config["gate_input"] != "none"
+
+
+def torch_load_state(path):
+    """The ``state_dict`` of a saved run (weights only)."""
+    from recbole_ilora.checkpoints import safe_load
+
+    return safe_load(path)["state_dict"]
 
 
 def superseded_name(path, record):
