@@ -156,6 +156,8 @@ def test_quick_grid_writes_tables_charts_and_gates_and_resumes(tmp_path):
     assert recovered["trainable_parameters"] == records["iLoRA"]["trainable_parameters"]
     assert recovered["saved_model_file"] == records["iLoRA"]["saved_model_file"] and recovered["epochs_run"] == 2
     assert recovered["gate"] == records["iLoRA"]["gate"]
+    assert recovered["budget"] == records["iLoRA"]["budget"]  # the report puts it in the table of its budget
+    assert recovered["trained_targets"] == records["iLoRA"]["trained_targets"]
 
     stamps = {path: os.stat(path).st_mtime_ns for path in runs.glob("*.json")}
     second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
