@@ -351,6 +351,24 @@ def cofirec_claims_section(by_row):
         row, rivals, metric, label = COFIREC_TESTS[claim]
         result = compare_rows(by_row, row, rivals, metric, label)
         lines.append(f"| {claim} | {paper} | {result['figure']} | {result['verdict']} |")
+    lines += [
+        "",
+        "The item IDs of each run (built on the training data, saved with the checkpoint): the share of items whose "
+        "whole ID another item also had before the fix on the last level, and after it; each level's codebook usage "
+        "(distinct codes over its size), coarse to fine (the reversed row writes them the other way).",
+        "",
+        "| run | tokenizer, order | collisions before | after | codebook usage |",
+        "|---|---|---|---|---|",
+    ]
+    for row in ("CoFiRec", "CoFiRec-fused", "CoFiRec-reversed"):
+        for record in sorted(_row_records(by_row, row), key=lambda r: r.get("seed", 0)):
+            ids = (record.get("model_summary") or {}).get("tokenizer")
+            if not ids:
+                continue
+            usage = " / ".join(f"{value:.2f}" for value in ids["codebook_usage"])
+            before, after = ids["collision_rate_before"], ids["collision_rate_after"]
+            name = record.get("run_id", row)
+            lines.append(f"| {name} | {ids['tokenizer']}, {ids['order']} | {before:.4f} | {after:.4f} | {usage} |")
     return [*lines, ""]
 
 

@@ -1109,6 +1109,11 @@ def test_cofirecs_claims_compare_it_with_each_ablation_and_wait_for_its_first_ru
     assert "vs SASRec 0.0620" in baselines and baselines.endswith("| not reproduced (the other way round) |")
     order = next(line for line in lines if line.startswith("| the order matters"))
     assert order.endswith("| not measured |")  # no reversed run yet
+    by_row["CoFiRec"][0].update(run_id="CoFiRec-seed2020-x", model_summary={"tokenizer": {
+        "tokenizer": "levels", "order": "coarse_to_fine", "collision_rate_before": 0.0071, "collision_rate_after": 0.0,
+        "codebook_usage": [0.8125, 1.0]}})  # fmt: skip
+    ids = claims.cofirec_claims_section(by_row)
+    assert "| CoFiRec-seed2020-x | levels, coarse_to_fine | 0.0071 | 0.0000 | 0.81 / 1.00 |" in ids
 
 
 def test_the_lambda_curve_lists_each_pesos_strength_beside_finetuning_and_plots_it(tmp_path, monkeypatch):
