@@ -1230,6 +1230,13 @@ def plot_lambda_curve(dataset, by_row, path):
         axis.set_xlabel("lambda (the paper's: 2)")
         axis.set_title(f"{dataset}: {key[1]} ({key[0]}), mean over blocks 1..T-1, seed 2020")
         axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path):
+    """Lay out, write (110 dpi) and close a chart."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -1903,9 +1910,7 @@ def plot_rows(dataset, by_row, path):
         axis.bar(rows, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], color=colours, capsize=3)
         axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")
         axis.tick_params(axis="x", rotation=60)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_lapse(dataset, by_row, path):
@@ -1931,9 +1936,7 @@ def plot_lapse(dataset, by_row, path):
         axis.set_title(f"{dataset}: {metric} ({mode}), mean ± std over seeds")
         axis.margins(y=0.25)  # room above the bars for the legend
         axis.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_continual(dataset, by_row, path):
@@ -1959,9 +1962,7 @@ def plot_continual(dataset, by_row, path):
         axis.set_xlabel("time block")
         axis.set_title(f"{dataset}: {metric} ({mode}) per block, mean ± std over seeds")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_gates(dataset, by_row, output, path):
