@@ -830,7 +830,7 @@ def recover(spec_path, commit=None):
     sys.argv = sys.argv[:1]
     from recbole_ilora.saved_run import load_data_and_model
 
-    config = load_data_and_model(saved_model_file)[0]
+    config, model = load_data_and_model(saved_model_file)[:2]
     epochs_run = len(re.findall(r"epoch \d+ training", text.split("Trainable parameters")[-1]))
     record = {
         "run_id": spec["run_id"], "row": spec["row"], "kind": spec["kind"], "model": spec["model"],
@@ -857,9 +857,8 @@ def recover(spec_path, commit=None):
     targets = re.findall(r"LLM training budget: .*?, ([\d,]+) targets per epoch", plain)
     if targets:
         record["trained_targets"] = int(targets[-1].replace(",", ""))
-    state = torch_load_state(saved_model_file)
-    if "tokenizer_report_bytes" in state:  # CoFiRec's IDs: their collisions and codebook usage
-        record["model_summary"] = {"tokenizer": json.loads(bytes(state["tokenizer_report_bytes"].tolist()))}
+    if spec["kind"] == "llm":  # what the saved model holds of its training (CoFiRec: its IDs' collisions and usage)
+        record["model_summary"] = model.training_summary()
     if generative:
         with open(work / generative["generations_file"], "rb") as source:
             with gzip.open(Path(spec["output"]).with_suffix(".generations.jsonl.gz"), "wb") as target:
@@ -876,13 +875,6 @@ def has_gate_report(spec, config):
     from recbole_ilora.utils import get_model
 
     return spec["kind"] == "llm" and get_model(config["model"]).has_gate and config["gate_input"] != "none"
-
-
-def torch_load_state(path):
-    """The ``state_dict`` of a saved run (weights only)."""
-    from recbole_ilora.checkpoints import safe_load
-
-    return safe_load(path)["state_dict"]
 
 
 def superseded_name(path, record):

@@ -85,7 +85,6 @@ def main():
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
     import torch
-    import torch.nn.functional as F
 
     from recbole_ilora.data import budget_training_data
     from recbole_ilora.model.laser import table_geometry
@@ -106,17 +105,15 @@ def main():
     torch.manual_seed(config["seed"])
     untrained = get_model("Laser")(config, train_data._dataset).eval()
     untrained.item_vectors = trained.item_vectors  # the table the run trained against
-    table = F.normalize(trained.item_vectors[1:].float(), dim=-1)
-    cosines = table @ table.t()
-    off_diagonal = cosines[~torch.eye(len(table), dtype=torch.bool)]
+    geometry = table_geometry(trained.item_vectors)
     result = {
         "checkpoint": args.checkpoint,
         "sequences": taken,
         "uniform_cross_entropy": math.log(trained.n_items - 1),
         "untrained_cross_entropy": cross_entropy(untrained, batches),
         "trained_cross_entropy": cross_entropy(trained, batches),
-        "item_table_mean_cosine": float(off_diagonal.mean()),
-        "table_geometry": table_geometry(trained.item_vectors),
+        "item_table_mean_cosine": geometry["mean_cosine"],  # the same pairs, from the norm of the rows' sum
+        "table_geometry": geometry,
         **probe_hits(trained, budgeted, test_data),
         "commit": git_commit(),
         "hardware": hardware(),

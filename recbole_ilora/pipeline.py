@@ -100,7 +100,8 @@ def pretrain_sasrec(config, show_progress=False):
 
 def check_resume(config):
     """``resume_checkpoint``, before any data is prepared: the file must exist; a plugin LLM run resumes with the
-    SASRec encoder it was trained with (from its training state) unless ``sasrec_checkpoint`` is given."""
+    SASRec encoder it was trained with (from its training state) unless ``sasrec_checkpoint`` is given. Returns that
+    training state (None for RecBole's own models and without the key)."""
     path = config["resume_checkpoint"]
     if not path:
         return
@@ -111,6 +112,7 @@ def check_resume(config):
     state = safe_load(state_file, "resume_checkpoint")
     if not config["sasrec_checkpoint"]:
         config["sasrec_checkpoint"] = state["config"].get("sasrec_checkpoint")
+    return state
 
 
 # Settings a warm start's checkpoint must share with the run it starts: its weights fit this adapter, gate and
@@ -121,21 +123,21 @@ WARM_START_KEYS = ("model", "dataset", "llm_backbone", "lora_num_experts", "lora
                    "gate_input")  # fmt: skip
 
 
-def check_warm_start(config):
+def check_warm_start(config, resumed=None):
     """``llm_init_checkpoint``, before any data is prepared: a checkpoint of a finished run of the same model on the
     same data and backbone (:data:`WARM_START_KEYS`), whose trained adapter, gate and projector start this run (the
     generative objective starting from what the head objective learnt, LLaRA's curriculum idea). The run reads the
     SASRec encoder that run read (its projector maps that encoder's item embeddings): ``sasrec_checkpoint``, when
-    given, must be the same file. With ``resume_checkpoint``, the resumed run must have started from the same file
-    (its weights come from its own state then). Returns the checkpoint, or None when there is nothing to load."""
+    given, must be the same file. With ``resume_checkpoint``, the resumed run (``resumed``: its training state, from
+    :func:`check_resume`) must have started from the same file (its weights come from its own state then). Returns
+    the checkpoint, or None when there is nothing to load."""
     path = config["llm_init_checkpoint"]
     if not path:
         return None
     if not issubclass(get_model(config["model"]), LLMSequentialRecommender):
         raise ValueError(f"'llm_init_checkpoint' starts an LLM model's adapter; {config['model']} has none.")
     if config["resume_checkpoint"]:  # a killed warm-started run goes on from its own state, not from the start
-        state = safe_load(training_state_file(model_file_of(config["resume_checkpoint"])), "resume_checkpoint")
-        started_from = state["config"].get("llm_init_checkpoint")
+        started_from = resumed["config"].get("llm_init_checkpoint")
         if started_from != path:
             raise ValueError(
                 f"'resume_checkpoint' = {config['resume_checkpoint']!r} goes on with a run started from "
@@ -276,8 +278,8 @@ def train_and_evaluate(config, saved=True, verbose=True, prepare=None):
         model_class.check_config(config)  # before any data is prepared
     check_dataset(config)
     check_lapse_config(config)
-    check_resume(config)
-    warm = check_warm_start(config)
+    resumed = check_resume(config)
+    warm = check_warm_start(config, resumed)
     with phase(timings, "data_preparation"):
         dataset = create_filtered_dataset(config)
         if verbose:

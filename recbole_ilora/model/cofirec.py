@@ -221,7 +221,8 @@ class CoFiRec(LLMSequentialRecommender):
     # ----- prompts -------------------------------------------------------------------------------------------------
     def history_prompt(self, item_seq, item_seq_len, labels=None):
         """The prompt text then the IDs of each history's items (and of its label, if given), left-padded:
-        ``(ids [B, T], attention_mask [B, T], position_ids [B, T], pad [B])``; code ``c`` is token ``V + c``."""
+        ``(ids [B, T], attention_mask [B, T], position_ids [B, T], pad [B], items [B, J])``, ``items`` the history
+        (and label) whose IDs it writes; code ``c`` is token ``V + c``."""
         batch = item_seq.shape[0]
         items, count = item_seq, item_seq_len
         if labels is not None:
@@ -240,7 +241,7 @@ class CoFiRec(LLMSequentialRecommender):
         ids = torch.where(relative >= len(prefix), self.vocab_size + codes.gather(1, code_index), 0)
         ids = torch.where(in_prefix, prefix[relative.clamp(0, len(prefix) - 1)], ids)
         mask = (relative >= 0).long()
-        return ids, mask, relative.clamp(min=0), pad
+        return ids, mask, relative.clamp(min=0), pad, items
 
     def embed(self, ids):
         """Input embeddings of prompt ids (the backbone's rows, and the codes' rows for ids >= V)."""
@@ -281,10 +282,8 @@ class CoFiRec(LLMSequentialRecommender):
         self.ensure_codes()
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         labels = interaction[self.POS_ITEM_ID]
-        ids, mask, positions, pad = self.history_prompt(item_seq, item_seq_len, labels)
+        ids, mask, positions, pad, items = self.history_prompt(item_seq, item_seq_len, labels)  # items: [B, J]
         hidden = self.decode(self.embed(ids), mask, positions).last_hidden_state  # [B, T, H]
-        items = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
-        items = items.scatter(1, item_seq_len.unsqueeze(1), labels.unsqueeze(1))  # [B, J]: the history, then label
         j = torch.arange(items.shape[1], device=items.device)
         targets = (j >= 1).unsqueeze(0) & (j.unsqueeze(0) <= item_seq_len.unsqueeze(1))  # [B, J]
         # The hidden state before item j's level l sits one position before that code.
@@ -299,7 +298,7 @@ class CoFiRec(LLMSequentialRecommender):
     # ----- evaluation -----------------------------------------------------------------------------------------------
     def encode_prompt(self, item_seq, item_seq_len):
         """The prompt's last hidden state ``[B, H]``, its cache, mask and next position ``[B]``."""
-        ids, mask, positions, _ = self.history_prompt(item_seq, item_seq_len)
+        ids, mask, positions, _, _ = self.history_prompt(item_seq, item_seq_len)
         output = self.decode(self.embed(ids), mask, positions, use_cache=True)
         return output.last_hidden_state[:, -1], output.past_key_values, mask, positions[:, -1] + 1
 
