@@ -1139,3 +1139,36 @@ def test_the_lambda_curve_lists_each_pesos_strength_beside_finetuning_and_plots_
     assert "| UniformLoRA-finetune | – | – | 0.0300 | 0.2500 |" in lines
     grid.plot_continual("ml-100k", by_row, tmp_path / "ml-100k.png")
     assert (tmp_path / "ml-100k-lambda.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_history_window_trains_each_window_with_its_own_encoder_on_the_same_items_and_chooses_on_validation(tmp_path):
+    """benchmarks/history_window.py (issue 42's window choice): every window L gets an encoder pretrained at L and the
+    same budget in items (L = 2 reads each user's 2 most recent windows, L = 4 one), and a finished window is not
+    run again."""
+    script = str(REPO_ROOT / "benchmarks" / "history_window.py")
+    command = [sys.executable, script, "--quick", "--windows", "2", "4", "--items-per-user", "4",
+               "--output", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    records = {w: json.loads((tmp_path / "out" / f"lastfm-tiny-L{w}-seed2020.json").read_text()) for w in (2, 4)}
+    for window, record in records.items():
+        assert record["windows_per_user"] == 4 // window
+        assert record["encoder_window"] == window
+        assert read_sasrec_checkpoint(record["sasrec_checkpoint"])["config"]["MAX_ITEM_LIST_LENGTH"] == window
+    assert records[2]["sasrec_checkpoint"] != records[4]["sasrec_checkpoint"]
+    assert records[2]["trained_sequences"] > records[4]["trained_sequences"]  # more, shorter windows ...
+    assert records[2]["trained_targets"] == records[4]["trained_targets"]  # ... the same targets
+    again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    assert again.stdout.count("finished already") == 2
+    assert (tmp_path / "out" / "lastfm-tiny.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_history_window_is_chosen_on_validation_and_a_tie_goes_to_the_shorter_window(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from history_window import chosen_window
+
+    records = [{"window": 5, "best_valid_score": 0.070, "test": 0.09}, {"window": 10, "best_valid_score": 0.075,
+               "test": 0.05}, {"window": 20, "best_valid_score": 0.072, "test": 0.08}]  # fmt: skip
+    assert chosen_window(records) == 10
+    assert chosen_window([{"window": 20, "best_valid_score": 0.07}, {"window": 10, "best_valid_score": 0.07}]) == 10
+    with pytest.raises(ValueError):
+        chosen_window([])
