@@ -30,9 +30,9 @@ def main():
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
     import claims
-    import grid
     from machine import git_commit, hardware
 
+    from benchmarks.gridlib.report_standard import answer_statistics
     from recbole_ilora.generative import summarize_verdicts
 
     output = Path(args.output)
@@ -51,7 +51,7 @@ def main():
         "answers": summary,
         "encoder_hit@1_same_candidates": encoder["hit@1"],
         "paired_vs_encoder": claims.paired(mine, encoder["per_user"]),
-        "answer_statistics": grid.answer_statistics(answers),
+        "answer_statistics": answer_statistics(answers),
         "encoder": args.encoder,
     }
     output.write_text(json.dumps(result, indent=1) + "\n")

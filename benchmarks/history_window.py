@@ -29,9 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from grid import PROPERTIES, QUICK, data_path, save_figure, write_json_atomically  # noqa: E402
-from machine import git_commit, hardware  # noqa: E402
+from benchmarks.gridlib.planning import data_path  # noqa: E402
+from benchmarks.gridlib.plots import save_figure  # noqa: E402
+from benchmarks.gridlib.records import write_json_atomically  # noqa: E402
+from benchmarks.gridlib.rows import PROPERTIES, QUICK  # noqa: E402
+from benchmarks.machine import git_commit, hardware  # noqa: E402
 
 FOLDER = REPO / "results" / "history_window"
 WINDOWS = (5, 10, 20)

@@ -1,8 +1,10 @@
-"""The package's import graph, function-level imports included: every module of ``recbole_ilora`` and the modules of
-the package it imports, then any circle among them and any import against the layers (:data:`LAYERS`).
+"""A package's import graph, function-level imports included: every module of ``recbole_ilora`` (or of the benchmark
+grid's package, ``benchmarks.gridlib``) and the modules of the package it imports, then any circle among them and any
+import against the layers (:data:`LAYERS`, :data:`GRID_LAYERS`).
 
-    python benchmarks/import_graph.py          # one line per module: what it imports of the package
-    python benchmarks/import_graph.py --dot    # the same as a Graphviz digraph
+    python benchmarks/import_graph.py                      # one line per module: what it imports of the package
+    python benchmarks/import_graph.py --dot                # the same as a Graphviz digraph
+    python benchmarks/import_graph.py --package gridlib    # the grid's package
 """
 
 import argparse
@@ -10,22 +12,28 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "recbole_ilora"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "recbole_ilora"
+GRID_PACKAGE = REPO / "benchmarks" / "gridlib"
 
 
-def module_name(path, package=PACKAGE):
-    parts = path.relative_to(package.parent).with_suffix("").parts
+def module_name(path, root):
+    """The dotted name of the module at ``path`` for an import path ``root``."""
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def package_modules(package=PACKAGE):
-    """``{module name: its file}`` for every module of the package."""
-    return {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
+def package_modules(package=PACKAGE, root=None):
+    """``{module name: its file}`` for every module of the package (imported from ``root``, default its folder's
+    parent; the grid's package is imported from the repository as ``benchmarks.gridlib``)."""
+    root = package.parent if root is None else root
+    return {module_name(path, root): path for path in sorted(package.rglob("*.py"))}
 
 
-def import_graph(package=PACKAGE):
+def import_graph(package=PACKAGE, root=None):
     """``{module: sorted modules of the package it imports}``, imports inside functions included."""
-    modules = package_modules(package)
+    root = package.parent if root is None else root
+    modules = package_modules(package, root)
     graph = {}
     for name, path in modules.items():
         found = set()
@@ -37,7 +45,7 @@ def import_graph(package=PACKAGE):
             else:
                 continue
             found |= {target for target in targets if target in modules and target != name}
-        graph[name] = sorted(found - {package.name})
+        graph[name] = sorted(found - {module_name(package / "__init__.py", root)})
     return graph
 
 
@@ -57,21 +65,36 @@ LAYERS = [
 ]  # fmt: skip
 
 
-def layer_of(module):
-    """The index in :data:`LAYERS` of ``module`` (its package's when it is not named), or None."""
-    for index, (_, members) in enumerate(LAYERS):
+# The grid's package: what it runs, then planning and records, running, the tables and reports, the command line.
+GRID_LAYERS = [
+    ("what the grid runs", ["benchmarks.gridlib", "benchmarks.gridlib.rows"]),
+    ("planning", ["benchmarks.gridlib.planning"]),
+    ("records and encoders", ["benchmarks.gridlib.encoders", "benchmarks.gridlib.records"]),
+    ("running", ["benchmarks.gridlib.execution"]),
+    ("tables", ["benchmarks.gridlib.tables"]),
+    ("one report per protocol", ["benchmarks.gridlib.report_standard", "benchmarks.gridlib.report_lapse",
+                                 "benchmarks.gridlib.report_continual", "benchmarks.gridlib.readme"]),
+    ("charts", ["benchmarks.gridlib.plots"]),
+    ("writing the reports", ["benchmarks.gridlib.reports"]),
+    ("command line", ["benchmarks.gridlib.cli"]),
+]  # fmt: skip
+
+
+def layer_of(module, layers=LAYERS):
+    """The index in ``layers`` of ``module`` (its package's when it is not named), or None."""
+    for index, (_, members) in enumerate(layers):
         if module in members:
             return index
     parent = module.rpartition(".")[0]
-    return layer_of(parent) if parent else None
+    return layer_of(parent, layers) if parent else None
 
 
-def upward_imports(graph):
+def upward_imports(graph, layers=LAYERS):
     """Every import of a module from a higher layer (or of a module in no layer): ``[(module, imported), ...]``."""
     found = []
     for module, targets in graph.items():
         for target in targets:
-            low, high = layer_of(module), layer_of(target)
+            low, high = layer_of(module, layers), layer_of(target, layers)
             if low is None or high is None or high > low:
                 found.append((module, target))
     return found
@@ -99,22 +122,26 @@ def circles(graph):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dot", action="store_true", help="print a Graphviz digraph")
+    parser.add_argument("--package", choices=["recbole_ilora", "gridlib"], default="recbole_ilora")
     args = parser.parse_args()
-    graph = import_graph()
+    package, root, layers = (
+        (PACKAGE, None, LAYERS) if args.package == "recbole_ilora" else (GRID_PACKAGE, REPO, GRID_LAYERS)
+    )
+    graph = import_graph(package, root)
     if args.dot:
-        print("digraph recbole_ilora {")
+        print(f"digraph {args.package} {{")
         for module, targets in graph.items():
             for target in targets:
                 print(f'  "{module}" -> "{target}";')
         print("}")
     else:
-        files = package_modules()
+        files = package_modules(package, root)
         for module, targets in graph.items():
             lines = len(files[module].read_text(encoding="utf-8").splitlines())
             print(f"{module} ({lines} lines): {', '.join(targets) or '-'}")
     found = circles(graph)
     print(f"{len(found)} import circle(s)" + "".join(f"\n  {' -> '.join(circle)}" for circle in found))
-    upward = upward_imports(graph)
+    upward = upward_imports(graph, layers)
     print(f"{len(upward)} import(s) against the layers" + "".join(f"\n  {a} -> {b}" for a, b in upward))
     return 1 if found else 0
 

@@ -24,8 +24,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def dataset_config(dataset_name, lapse):
     """The plugin's configuration of a benchmark dataset (its own settings) under ``lapse``."""
-    from grid import DATASETS
-
+    from benchmarks.gridlib.rows import DATASETS
     from recbole_ilora.config import Config
 
     config_dict = {"show_progress": False, "lapse": lapse}

@@ -219,3 +219,16 @@ def test_every_module_imports_from_its_layer_or_below(monkeypatch):
     # the check sees an upward import: the model package reaching for the trainer
     graph["recbole_ilora.model.ilora"] = [*graph["recbole_ilora.model.ilora"], "recbole_ilora.trainer"]
     assert import_graph.upward_imports(graph) == [("recbole_ilora.model.ilora", "recbole_ilora.trainer")]
+
+
+def test_the_grids_package_has_no_import_circle_and_imports_from_its_layer_or_below():
+    from benchmarks import import_graph
+
+    graph = import_graph.import_graph(import_graph.GRID_PACKAGE, import_graph.REPO)
+    assert "benchmarks.gridlib.execution" in graph["benchmarks.gridlib.cli"]
+    assert import_graph.circles(graph) == []
+    assert import_graph.upward_imports(graph, import_graph.GRID_LAYERS) == []
+    graph["benchmarks.gridlib.rows"] = ["benchmarks.gridlib.reports"]  # what the grid runs reaching for a report
+    assert import_graph.upward_imports(graph, import_graph.GRID_LAYERS) == [
+        ("benchmarks.gridlib.rows", "benchmarks.gridlib.reports")
+    ]

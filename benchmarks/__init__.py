@@ -1,0 +1,1 @@
+"""The benchmark scripts; ``benchmarks.gridlib`` is the grid's package (``benchmarks/grid.py`` its command line)."""
