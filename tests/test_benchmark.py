@@ -395,13 +395,16 @@ def test_history_window_trains_each_window_with_its_own_encoder_on_the_same_item
     assert (tmp_path / "out" / "lastfm-tiny.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_the_history_window_is_chosen_on_validation_and_a_tie_goes_to_the_shorter_window(monkeypatch):
+def test_the_history_window_is_chosen_on_validation_and_changes_only_by_more_than_the_margin(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     from history_window import chosen_window
 
-    records = [{"window": 5, "best_valid_score": 0.070, "test": 0.09}, {"window": 10, "best_valid_score": 0.075,
-               "test": 0.05}, {"window": 20, "best_valid_score": 0.072, "test": 0.08}]  # fmt: skip
-    assert chosen_window(records) == 10
-    assert chosen_window([{"window": 20, "best_valid_score": 0.07}, {"window": 10, "best_valid_score": 0.07}]) == 10
+    def records(*scores):
+        return [{"window": w, "best_valid_score": v, "test": 1 - v} for w, v in scores]  # test never decides
+
+    assert chosen_window(records((5, 0.070), (10, 0.075), (20, 0.072)), shipped=10, margin=0.006) == 10
+    assert chosen_window(records((5, 0.070), (10, 0.075), (20, 0.080)), shipped=10, margin=0.006) == 10  # +0.005
+    assert chosen_window(records((5, 0.070), (10, 0.075), (20, 0.082)), shipped=10, margin=0.006) == 20
+    assert chosen_window(records((20, 0.07), (5, 0.07)), shipped=10, margin=0.006) == 5  # no shipped run; a tie
     with pytest.raises(ValueError):
         chosen_window([])
