@@ -308,3 +308,27 @@ def test_the_logged_term_is_computed_in_float64_where_float32_rounding_swamps_it
     in32 = float(anchor.penalty("softmax_kl", {"m": (a, b0)}))
     assert in64 == pytest.approx(exact, rel=1e-6)
     assert abs(in32 - exact) > 100 * abs(in64 - exact)  # float32's rounding error is of the order of the term
+
+
+def test_cofirec_keeps_block_0s_item_ids_in_every_later_block(continual_settings, monkeypatch):
+    """PESO's own setting (issue 45): the semantic IDs are built once, on block 0's training data, and every later
+    block reads them from the previous block's weights (an item first seen later has the ID block 0 gave it: its
+    text levels from its title, its CF level from block 0's encoder, where its embedding had not been trained)."""
+    from recbole_ilora.model import CoFiRec
+
+    built, original = [], CoFiRec.build_item_codes
+
+    def spy(self):
+        built.append(True)
+        return original(self)
+
+    monkeypatch.setattr(CoFiRec, "build_item_codes", spy)
+    cofirec = {"model": "CoFiRec", "cofirec_levels": ["{title}", "cf"], "cofirec_codebook_sizes": [16, 256],
+               "cofirec_tokenizer_steps": 20, "cofirec_beam_size": 50, "lora_rank": 4}  # fmt: skip
+    progress = run_blocks({**continual_settings, **cofirec}, continual_strategy="softmax_kl")
+    blocks = progress["blocks"]
+    assert [b["penalty"] for b in blocks] == ["none", "softmax_kl", "softmax_kl"]
+    assert len(built) == 1  # block 0 only
+    codes = [torch.load(b["weights"], weights_only=True)["item_codes"] for b in blocks]
+    assert bool((codes[0][1:] >= 0).all())
+    assert all(torch.equal(c, codes[0]) for c in codes[1:])

@@ -87,6 +87,9 @@ def render_continual(dataset, planned, by_row, quick, done):
         ("UniformLoRA-peso", "UniformLoRA-cumulative"),
         ("UniformLoRA-peso", "UniformLoRA-l2"),
         ("iLoRA-peso", "iLoRA-finetune"),
+        ("CoFiRec-peso", "CoFiRec-finetune"),
+        ("CoFiRec-peso", "CoFiRec-cumulative"),
+        ("CoFiRec-peso", "CoFiRec-l2"),
     )
     for mode, metric in CONTINUAL_METRICS:
         for peso, other in comparisons:

@@ -147,6 +147,31 @@ ROWS = {
         {"continual_strategy": "softmax_kl"},
         "iLoRA with PESO's term over the whole adapter (gate, projector and head not penalised)",
     ),
+    # PESO's own setting (issue 45): the generative semantic-ID model, its item IDs built on block 0 and kept.
+    "CoFiRec-finetune": (
+        "continual",
+        "CoFiRec",
+        {"continual_strategy": "finetune"},
+        "CoFiRec (semantic IDs from block 0, kept), one adapter fine-tuned block after block, no penalty",
+    ),
+    "CoFiRec-l2": (
+        "continual",
+        "CoFiRec",
+        {"continual_strategy": "l2"},
+        "the same with an L2 proximal term, its weight chosen among 0.1, 1, 10 on block 1's validation",
+    ),
+    "CoFiRec-peso": (
+        "continual",
+        "CoFiRec",
+        {"continual_strategy": "softmax_kl"},
+        "the same with PESO's softmax-KL proximal term (lambda 2.0)",
+    ),
+    "CoFiRec-cumulative": (
+        "continual",
+        "CoFiRec",
+        {"continual_strategy": "cumulative"},
+        "CoFiRec retrained from scratch on all data up to each block (its item IDs rebuilt on that data)",
+    ),
 }
 
 
