@@ -2,6 +2,7 @@
 ``MAX_ITEM_LIST_LENGTH`` values with the same number of training targets, each with its own SASRec encoder.
 
     python benchmarks/history_window.py --windows 5 20          # trains what is missing (about 40 CPU-min a window)
+    python benchmarks/history_window.py --readme-run results/default-command/iLoRA-ml-100k-<commit>-<date>.json
     python benchmarks/history_window.py --report                # results/history_window/<dataset>.{md,png}
 
 The window is one key for both parts: the prompt lists the last L items and the frozen SASRec encoder that feeds the
@@ -130,6 +131,43 @@ def run_window(args, window):
     print(f"L = {window}: valid NDCG@10 {scores[0]:.4f} (encoder {scores[1]:.4f})")
 
 
+def import_readme_run(path, output):
+    """The shipped window's record from a committed run of the README command (``results/default-command/``, made by
+    ``benchmarks/readme_command.py``): the same command, defaults and seed on ml-100k, so the same run as this script's
+    L = 10, read from its JSON and its log (validation figures). Its thread count was torch's default (the machine's
+    2 cores) and its CPU time per phase was not logged then."""
+    import re
+
+    run = json.loads(Path(path).read_text())
+    log = (Path(path).parent / run["log"]).read_text(encoding="utf-8", errors="replace")
+    best_valid = re.findall(r"best valid : OrderedDict\((.*)\)\n", log)[-1]
+    valid = {key: float(value) for key, value in re.findall(r"\('([\w@]+)', np\.float64\(([\d.]+)\)\)", best_valid)}
+    budget = re.findall(r"LLM training budget: (\d+) windows of \d+ training sequences, (\d+) targets", log)[-1]
+    items_per_user = 2 * SHIPPED_WINDOW
+    record = {
+        "model": "iLoRA", "dataset": "ml-100k", "seed": run["seed"], "window": SHIPPED_WINDOW,
+        "items_per_user": items_per_user, "windows_per_user": windows_per_user(SHIPPED_WINDOW, items_per_user),
+        "command": run["command"].split(" && ")[-1], "commit": run["commit"],
+        "machine": f"{run['cores']} x {run['cpu']}, no GPU", "torch_threads": None,
+        "trained_sequences": int(budget[0]), "trained_targets": int(budget[1]),
+        "best_valid_score": valid["ndcg@10"], "valid": valid, "test": run["test"],
+        "encoder_best_valid_score": float(re.findall(r"SASRec encoder: best valid NDCG@10 = ([\d.]+)", log)[-1]),
+        "encoder_window": SHIPPED_WINDOW, "encoder_test": run["encoder_test"],
+        "timings": run["timings"], "cpu_timings": None, "source": str(Path(path).resolve().relative_to(REPO)),
+    }  # fmt: skip
+    assert record["trained_targets"] == run["trained_targets"]
+    write_json_atomically(record_file(output, "ml-100k", SHIPPED_WINDOW, run["seed"]), record)
+    print(f"L = {SHIPPED_WINDOW} from {path}: valid NDCG@10 {record['best_valid_score']:.4f}")
+
+
+def train_minutes(record):
+    """'CPU (wall)' minutes of the training phase; the wall alone where CPU time was not recorded."""
+    wall = record["timings"]["training"] / 60
+    if record.get("cpu_timings"):
+        return f"{record['cpu_timings']['training'] / 60:.1f} ({wall:.1f})"
+    return f"– ({wall:.1f})"
+
+
 def report(output, dataset, seed):
     """``<dataset>.md`` (one row per window, the chosen one named) and ``<dataset>.png`` from the records."""
     import matplotlib
@@ -144,11 +182,13 @@ def report(output, dataset, seed):
     if not records:
         raise SystemExit(f"no finished window of {dataset}, seed {seed}, in {output}")
     chosen = chosen_window(records)
+    ran = [r for r in records if not r.get("source")]
     lines = [
         f"# The LLM's history window on {dataset} (iLoRA, seed {seed}; issue 42)",
         "",
-        f"`python benchmarks/history_window.py --windows {' '.join(str(r['window']) for r in records)}`, "
-        f"then `--report`. Each window L is iLoRA's shipped defaults with `MAX_ITEM_LIST_LENGTH = L` for both the "
+        f"`python benchmarks/history_window.py --windows {' '.join(str(r['window']) for r in ran) or '-'}`"
+        + "".join(f", `--readme-run {r['source']}`" for r in records if r.get("source"))
+        + f", then `--report`. Each window L is iLoRA's shipped defaults with `MAX_ITEM_LIST_LENGTH = L` for both the "
         f"prompt and its SASRec encoder (pretrained by the run with the shipped `sasrec_*` keys) and the same "
         f"training budget in items: each user's {records[0]['items_per_user']} // L most recent training windows. "
         f"Chosen on validation full NDCG@10 (iLoRA), the shipped L = {SHIPPED_WINDOW} kept unless another window beats "
@@ -156,7 +196,7 @@ def report(output, dataset, seed):
         f"**L = {chosen}**. The test columns are reported, not used.",
         "",
         "| L | windows/user | windows | targets | valid NDCG@10 | encoder valid | test full NDCG@10 | encoder test | "
-        "uni19 Hit@1 | encoder uni19 Hit@1 | train CPU min | commit | machine (threads) |",
+        "uni19 Hit@1 | encoder uni19 Hit@1 | train min, CPU (wall) | commit | machine (threads) |",
         "|---" * 13 + "|",
     ]
     for r in records:
@@ -165,9 +205,14 @@ def report(output, dataset, seed):
             f"{r['trained_sequences']:,} | {r['trained_targets']:,} | {r['best_valid_score']:.4f} | "
             f"{r['encoder_best_valid_score']:.4f} | {r['test']['full']['ndcg@10']:.4f} | "
             f"{r['encoder_test']['full']['ndcg@10']:.4f} | {r['test']['uni19']['hit@1']:.4f} | "
-            f"{r['encoder_test']['uni19']['hit@1']:.4f} | {r['cpu_timings']['training'] / 60:.1f} | `{r['commit']}` | "
-            f"{r['machine'].split(',')[0]} ({r['torch_threads']}) |"
+            f"{r['encoder_test']['uni19']['hit@1']:.4f} | {train_minutes(r)} | `{r['commit']}` | "
+            f"{r['machine'].split(',')[0]} ({r['torch_threads'] or 'default'}) |"
         )
+    imported = [r for r in records if r.get("source")]
+    if imported:
+        lines += [""] + [f"L = {r['window']}: the README command's committed run, `{r['source']}` (same command, "
+                         "defaults and seed; torch's default threads on the 2 cores; CPU time per phase not logged "
+                         "then)." for r in imported]  # fmt: skip
     (Path(output) / f"{dataset}.md").write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(6, 4))
     windows = [r["window"] for r in records]
@@ -197,11 +242,15 @@ def main():
     parser.add_argument("--work", default=str(REPO / "benchmarks" / "work"))
     parser.add_argument("--quick", action="store_true", help="the tiny fixture (tests/data/lastfm-tiny), tiny models")
     parser.add_argument("--report", action="store_true", help="only write the report of the finished windows")
+    parser.add_argument("--readme-run", default=None, help="record L = 10 from this committed README-command JSON")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a window in this process
     args = parser.parse_args()
     args.output, args.work = str(Path(args.output).resolve()), str(Path(args.work).resolve())  # a worker chdirs
     if args.quick:
         args.dataset = "lastfm-tiny"
+    if args.readme_run:
+        import_readme_run(args.readme_run, args.output)
+        return
     if args.report:
         report(args.output, args.dataset, args.seed)
         return

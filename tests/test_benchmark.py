@@ -408,3 +408,16 @@ def test_the_history_window_is_chosen_on_validation_and_changes_only_by_more_tha
     assert chosen_window(records((20, 0.07), (5, 0.07)), shipped=10, margin=0.006) == 5  # no shipped run; a tie
     with pytest.raises(ValueError):
         chosen_window([])
+
+
+def test_the_shipped_window_is_read_from_the_readme_commands_committed_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from history_window import import_readme_run
+
+    path = REPO_ROOT / "results" / "default-command" / "iLoRA-ml-100k-8e18f5e-2026-12-07.json"
+    import_readme_run(path, tmp_path)
+    record = json.loads((tmp_path / "ml-100k-L10-seed2020.json").read_text())
+    # the log's LLM validation ("epoch 0 evaluating [..., valid_score: 0.075000]"), not its encoder's (0.0744)
+    assert record["best_valid_score"] == 0.075 and record["encoder_best_valid_score"] == 0.0744
+    assert (record["trained_sequences"], record["trained_targets"], record["windows_per_user"]) == (1886, 18693, 2)
+    assert record["test"]["full"]["ndcg@10"] == 0.0636 and record["encoder_test"]["full"]["ndcg@10"] == 0.0627
