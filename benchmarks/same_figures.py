@@ -2,11 +2,12 @@
 exactly: every test mode's metrics, every epoch's training loss and a digest of the trained weights.
 
     python benchmarks/same_figures.py --before 86440ef [--runs ilora generative laser cofirec] [--output F.json]
+    python benchmarks/same_figures.py --before ecd2856 --after 0bd3ec1 --runs ilora    # two commits
 
 Each run is a fresh process (``PYTHONPATH`` at the checkout: ``git worktree`` of ``--before`` in a temporary folder,
-or this repository) on the tiny LastFM fixture with the embedded random LLaMA, one thread, reading one SASRec encoder
-trained once here. A run whose model does not exist at ``--before`` is reported as such. Issue 46's check: a
-restructuring must give bit-identical figures.
+then this repository or ``--after``'s worktree) on the tiny LastFM fixture with the embedded random LLaMA, one
+thread, reading one SASRec encoder trained once here. A run whose model does not exist at ``--before`` is reported
+as such. Issue 46's check: a restructuring must give bit-identical figures; issue 47's: which commit moved them.
 """
 
 import argparse
@@ -74,19 +75,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="the commit to compare this working tree with")
     parser.add_argument("--runs", nargs="+", default=["ilora", "generative", "laser", "cofirec"])
+    parser.add_argument("--after", default=None, help="compare with this commit instead of the working tree")
     parser.add_argument("--output", help="write the comparison as JSON here too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
+        trees = {"before": args.before, "after": args.after}
+        for name, commit in trees.items():
+            if commit:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(Path(temporary) / name),
+                                commit], check=True, capture_output=True)  # fmt: skip
         before = Path(temporary) / "before"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True)  # fmt: skip
+        after = Path(temporary) / "after" if args.after else REPO
         try:
             work = Path(temporary) / "runs"
             encoder = run(REPO, "sasrec", None, work / "encoder")["saved_model_file"]
-            report = {"before": args.before, "runs": {}}
+            report = {"before": args.before, "after": args.after or "the working tree", "runs": {}}
             for name in args.runs:
                 old = run(before, name, encoder, work / f"before-{name}")
-                new = run(REPO, name, encoder, work / f"now-{name}")
+                new = run(after, name, encoder, work / f"now-{name}")
                 if old is None:
                     report["runs"][name] = "not at --before"
                     print(f"{name}: no such model at {args.before}")
@@ -96,7 +102,10 @@ def main():
                 report["runs"][name] = {"identical": all(same.values()), **same, "now": {k: new[k] for k in keys}}
                 print(f"{name}: {'bit-identical' if all(same.values()) else 'DIFFERENT ' + str(same)}")
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
+            for name, commit in trees.items():
+                if commit:
+                    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                                    str(Path(temporary) / name)], check=False)  # fmt: skip
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1, default=float) + "\n")
     return 0 if all(isinstance(r, str) or r["identical"] for r in report["runs"].values()) else 1
