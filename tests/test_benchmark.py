@@ -238,16 +238,6 @@ def test_encoder_on_prompt_candidates_equals_its_full_ranking_restricted_to_them
     assert claims.encoder_on_candidates(path, "no-such-file", tmp_path / "cache.json") == result  # cached
 
 
-def quick_protocol_run(tmp_path, protocol, row):
-    """One row of the quick grid under ``protocol``, run as a user runs it; returns its record."""
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "grid.py"), "--quick", "--protocol", protocol]
-    command += ["--rows", row, "--output", str(tmp_path / protocol)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (path,) = (tmp_path / protocol / "runs" / "lastfm-tiny").glob(f"{row}-seed2020-*.json")
-    return json.loads(path.read_text())
-
-
 def test_paired_answers_count_users_per_verdict_and_refuse_unpaired_files(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import paired_answers

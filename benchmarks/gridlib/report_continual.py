@@ -6,7 +6,6 @@ import statistics
 
 from benchmarks import claims
 from benchmarks.gridlib.planning import shipped, training_budget
-from benchmarks.gridlib.records import machine_of
 from benchmarks.gridlib.rows import CONTINUAL_PROPERTIES, LAMBDA_ROWS, QUICK_CONTINUAL_BLOCKS, ROWS
 from benchmarks.gridlib.tables import (
     CONTINUAL_METRICS,
@@ -15,6 +14,7 @@ from benchmarks.gridlib.tables import (
     incomplete_grid_lines,
     mean_std,
     row_label,
+    run_rows,
     uncommitted_lines,
 )
 
@@ -144,13 +144,15 @@ def render_continual(dataset, planned, by_row, quick, done):
     out += lambda_curve_lines(dataset, by_row)
     header = "| run | what it is | finished | blocks | wall min | commit | machine |"
     out += ["", "## Runs", "", header, "|---" * 7 + "|"]
-    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
-        minutes = f"{record['wall_seconds'] / 60:.1f}"
-        blocks_run = f"{len(record['blocks'])} of {record['blocks_total']}"
-        out.append(
-            f"| {record['run_id']} | {ROWS[record['row']][3]} | {record['finished']} | {blocks_run} | "
-            f"{minutes} | {record['commit']} | {machine_of(record)} |"
-        )
+    out += run_rows(
+        done,
+        lambda record: [
+            ROWS[record["row"]][3],
+            record["finished"],
+            f"{len(record['blocks'])} of {record['blocks_total']}",
+            f"{record['wall_seconds'] / 60:.1f}",
+        ],
+    )
     return "\n".join(out) + "\n"
 
 

@@ -5,8 +5,7 @@ import statistics
 
 from benchmarks import claims
 from benchmarks.gridlib.planning import shipped
-from benchmarks.gridlib.records import machine_of
-from benchmarks.gridlib.rows import BASELINE_BUDGET, LAPSE_PROPERTIES, QUICK_LAPSE, REPO, ROWS
+from benchmarks.gridlib.rows import BASELINE_BUDGET, LAPSE_PROPERTIES, QUICK_LAPSE, REPO
 from benchmarks.gridlib.tables import (
     LAPSE_METRICS,
     backbone_line,
@@ -14,6 +13,7 @@ from benchmarks.gridlib.tables import (
     incomplete_grid_lines,
     mean_std,
     row_label,
+    run_rows,
     uncommitted_lines,
 )
 
@@ -87,11 +87,12 @@ def render_lapse(dataset, planned, by_row, quick, done):
                 f"{claims.fmt_summary(b)} | {verdict} |"
             )
     out += ["", "## Runs", "", "| run | finished | epochs (cap) | wall min | commit | machine |", "|---" * 6 + "|"]
-    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
-        epochs = f"{record.get('epochs_run')} ({record.get('epochs_cap')})"
-        minutes = f"{record['wall_seconds'] / 60:.1f}"
-        out.append(
-            f"| {record['run_id']} | {record['finished']} | {epochs} | {minutes} | {record['commit']} | "
-            f"{machine_of(record)} |"
-        )
+    out += run_rows(
+        done,
+        lambda record: [
+            record["finished"],
+            f"{record.get('epochs_run')} ({record.get('epochs_cap')})",
+            f"{record['wall_seconds'] / 60:.1f}",
+        ],
+    )
     return "\n".join(out) + "\n"

@@ -34,6 +34,7 @@ from benchmarks.gridlib.tables import (
     incomplete_grid_lines,
     mean_std,
     protocol_table,
+    run_rows,
     uncommitted_lines,
 )
 
@@ -249,14 +250,17 @@ def render_markdown(dataset, planned, by_row, quick, output, stale=()):
         "| run | backbone | finished | epochs (cap) | stopped | wall min | CPU min | commit | machine |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"]))):
-        cpu_minutes = f"{record['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in record else "–"
-        epochs = f"{record['epochs_run']} ({record['epochs_cap']})" if "epochs_run" in record else "–"
-        stopped = {True: "yes", False: "no"}.get(record.get("stopped_early"), "–")
-        out.append(
-            f"| {record['run_id']} | {record.get('backbone') or '–'} | {record['finished']} | {epochs} | {stopped} | "
-            f"{record['wall_seconds'] / 60:.1f} | {cpu_minutes} | {record['commit']} | {machine_of(record)} |"
-        )
+    out += run_rows(
+        done,
+        lambda record: [
+            record.get("backbone") or "–",
+            record["finished"],
+            f"{record['epochs_run']} ({record['epochs_cap']})" if "epochs_run" in record else "–",
+            {True: "yes", False: "no"}.get(record.get("stopped_early"), "–"),
+            f"{record['wall_seconds'] / 60:.1f}",
+            f"{record['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in record else "–",
+        ],
+    )
     retrained = encoder_notes(planned, [*done, *stale], output)
     if retrained:
         out += [

@@ -8,8 +8,8 @@ import math
 import statistics
 
 from benchmarks.gridlib.planning import config_files, data_path, resolve_config
-from benchmarks.gridlib.records import UNCOMMITTED, record_budget
-from benchmarks.gridlib.rows import BACKBONES
+from benchmarks.gridlib.records import UNCOMMITTED, machine_of, record_budget
+from benchmarks.gridlib.rows import BACKBONES, ROWS
 
 LAPSE_METRICS = ["ndcg@10", "hit@10"]
 
@@ -184,3 +184,12 @@ def incomplete_grid_lines(finished, planned, stale):
         else ""
     )
     return [f"**Incomplete grid: {finished} of {planned} runs finished.**{waiting} Rerun the command to resume.", ""]
+
+
+def run_rows(done, cells):
+    """The runs table's rows, one per finished run in seed then row order: its id, ``cells(record)`` (a list of
+    strings), its commit and its machine."""
+    return [
+        f"| {record['run_id']} | " + " | ".join(cells(record)) + f" | {record['commit']} | {machine_of(record)} |"
+        for record in sorted(done, key=lambda r: (r["seed"], list(ROWS).index(r["row"])))
+    ]
