@@ -2,11 +2,12 @@
 exactly: every test mode's metrics, every epoch's training loss and a digest of the trained weights.
 
     python benchmarks/same_figures.py --before 86440ef [--runs ilora generative laser cofirec] [--output F.json]
-    python benchmarks/same_figures.py --before ecd2856 --after 0bd3ec1 --runs ilora    # two commits
+    python benchmarks/same_figures.py --before ecd2856 --after 0bd3ec1 --runs ilora ilora-smollm2    # two commits
 
 Each run is a fresh process (``PYTHONPATH`` at the checkout: ``git worktree`` of ``--before`` in a temporary folder,
-then this repository or ``--after``'s worktree) on the tiny LastFM fixture with the embedded random LLaMA, one
-thread, reading one SASRec encoder trained once here. A run whose model does not exist at ``--before`` is reported
+then this repository or ``--after``'s worktree) on the tiny LastFM fixture with the embedded random LLaMA
+(``ilora-smollm2``: the pretrained SmolLM2 in 4-bit, converted by each run), one thread, reading one SASRec encoder
+trained once here. A run whose model does not exist at ``--before`` is reported
 as such. Issue 46's check: a restructuring must give bit-identical figures; issue 47's: which commit moved them.
 """
 
@@ -36,6 +37,8 @@ runs = {
     "generative": {**TINY, "model": "iLoRA", "objective": "generative", "epochs": 1, "llm_train_sequences_per_user": 1,
                    "eval_args": {**TINY["eval_args"], "mode": "uni19"}, "test_modes": ["uni19"], "num_candidates": 5,
                    "generation_max_new_tokens": 4},
+    "ilora-smollm2": {**TINY, "model": "iLoRA", "llm_backbone": "smollm2-135m-instruct", "epochs": 1,
+                      "llm_train_sequences_per_user": 1, "test_modes": ["full"]},
     "laser": {**TINY, "model": "Laser", "epochs": 1, "test_modes": ["full"], **laser},
     "cofirec": {**TINY, "model": "CoFiRec", "epochs": 1, "cofirec_levels": ["{title}", "cf"],
                 "cofirec_codebook_sizes": [16, 256], "cofirec_tokenizer_steps": 20, "cofirec_beam_size": 20,
