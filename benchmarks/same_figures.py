@@ -69,7 +69,7 @@ def run(code_dir, name, encoder, folder):
     done = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
     if done.returncode or not lines:
-        raise RuntimeError(f"{name} at {code_dir} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{name} at {code_dir} failed (exit {done.returncode}; -9: killed):\n{done.stderr[-3000:]}")
     figures = json.loads(lines[-1][len("FIGURES ") :])
     figures["saved_model_file"] = str(folder / figures["saved_model_file"])
     return figures
