@@ -29,7 +29,6 @@ from benchmarks.gridlib.rows import (
 )
 
 
-# ----------------------------------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser(description=gridlib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", help=f"default: {' '.join(DATASETS)}")

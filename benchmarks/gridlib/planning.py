@@ -108,7 +108,6 @@ HEAD_KEYS = {"llm_loss_positions", "gate_scope", "score_head"}
 GENERATIVE_KEYS = {"num_candidates", "generation_max_new_tokens", "prompt_domain", "generative_prompt_template"}
 
 
-# ----------------------------------------------------------------------------------------------------- planning
 def config_files(dataset, kind, quick, row=None, protocol="standard"):
     """Property files of a run, lowest precedence first (the plugin's Config adds the model's and dataset's own)."""
     files = []
@@ -252,8 +251,8 @@ def runner_command(config, model, dataset, files, config_dict, kind):
     return " ".join(parts).replace(str(REPO) + os.sep, "")
 
 
-# ----------------------------------------------------------------------------------------------------- running
 def run_file(output, run):
+    """Where a run's record goes: ``<output>/runs/<dataset>/<run id>.json``."""
     return Path(output) / "runs" / run["dataset"] / f"{run['run_id']}.json"
 
 

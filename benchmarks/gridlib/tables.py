@@ -27,7 +27,6 @@ SAMPLED_METRICS = ["hit@1", "hit@5", "ndcg@5", "ndcg@10", "mrr@20"]
 GENERATIVE_METRICS = ["valid_ratio", "hr@1_valid", "hr@1_all"]
 
 
-# ----------------------------------------------------------------------------------------------------- reporting
 def mean_std(values):
     if not values:
         return None, None
