@@ -138,10 +138,11 @@ def import_readme_run(path, output):
     2 cores) and its CPU time per phase was not logged then."""
     import re
 
+    from benchmarks.readme_command import ordered_dict
+
     run = json.loads(Path(path).read_text())
     log = (Path(path).parent / run["log"]).read_text(encoding="utf-8", errors="replace")
-    best_valid = re.findall(r"best valid : OrderedDict\((.*)\)\n", log)[-1]
-    valid = {key: float(value) for key, value in re.findall(r"\('([\w@]+)', np\.float64\(([\d.]+)\)\)", best_valid)}
+    valid = ordered_dict(re.findall(r"best valid : (OrderedDict\(.*\))\n", log)[-1])
     budget = re.findall(r"LLM training budget: (\d+) windows of \d+ training sequences, (\d+) targets", log)[-1]
     items_per_user = 2 * SHIPPED_WINDOW
     record = {

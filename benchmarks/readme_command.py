@@ -35,12 +35,17 @@ def readme_command(marker="<!-- readme:run-command -->"):
     return next(line for line in lines[index + 1 :] if line.strip() and not line.startswith("```"))
 
 
+def ordered_dict(value):
+    """``{metric: float}`` of a logged ``OrderedDict([('ndcg@10', np.float64(0.0636)), ...])``."""
+    namespace = {"__builtins__": {}, "OrderedDict": collections.OrderedDict, "np": types.SimpleNamespace(float64=float)}
+    return {k: float(v) for k, v in eval(value, namespace).items()}
+
+
 def metrics(text, label):
     """``{mode: metrics}`` of the log lines ``<label> (<mode>): OrderedDict(...)`` (``test result`` is not read in
     ``encoder test result``)."""
     found = re.findall(r"(?<!encoder )" + re.escape(label) + r" \((\w+)\): (OrderedDict\(.*\))", text)
-    namespace = {"__builtins__": {}, "OrderedDict": collections.OrderedDict, "np": types.SimpleNamespace(float64=float)}
-    return {mode: {k: float(v) for k, v in eval(value, namespace).items()} for mode, value in found}
+    return {mode: ordered_dict(value) for mode, value in found}
 
 
 def main():
