@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from machine import git_commit, hardware  # noqa: E402
 
+from recbole_ilora import provenance  # noqa: E402
+
 SETTINGS = (
     ("nf4", "float32"),
     ("dense", "float32"),
@@ -213,7 +215,8 @@ def render(output):
     record = json.loads(output.read_text())
     peaks = record["peak_gflops"]
     lines = [
-        f"# The training step by weights and compute dtype ({record['machine']})",
+        f"# The training step by weights and compute dtype ({record['machine']}; bfloat16 units: "
+        f"{provenance.bf16_units(set(record['cpu_flags']))})",
         "",
         f"`python benchmarks/step_dtype.py` at commit `{record['commit']}`: iLoRA's head objective (a loss at every "
         f"position; the score head plain, so that the losses read the LLM) on SmolLM2-135M-Instruct, "

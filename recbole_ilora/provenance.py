@@ -46,12 +46,15 @@ def bf16_units(flags):
 
 
 def hardware():
-    """``'2 x AMD EPYC, no GPU, torch 2.13.0+cpu, 1 threads'``: CPU count and model, GPU, torch and its threads."""
+    """``'2 x AMD EPYC (avx512_bf16), no GPU, torch 2.13.0+cpu, 1 threads'``: CPU count, model and bfloat16 units
+    (two machines of the same model name differ there, and a step's speed with them), GPU, torch and its threads."""
     import torch
 
-    cpu, _ = cpu_flags()
+    cpu, flags = cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    units = bf16_units(flags).replace(", ", "; ")  # no comma: the tables read the machine up to the first one
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} x {cpu} ({units}), {gpu}, torch {torch.__version__}, {threads} threads"
 
 
 def git(*args, cwd=PACKAGE_DIR):

@@ -40,6 +40,9 @@ TINY = {
     "llm_num_heads": 2,
     "llm_intermediate_size": 64,
     "llm_vocab_size": 400,
+    # float32 on every machine ('auto' is bfloat16 on a CPU with bfloat16 units): the suite's exact comparisons mean
+    # the same everywhere; tests/test_learning.py trains the bfloat16 path too
+    "llm_compute_dtype": "float32",
     "llm_eval_batch_size": 16,
     "lora_num_experts": 4,
     "lora_expert_rank": 2,

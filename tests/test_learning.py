@@ -55,16 +55,24 @@ def hit_at_1_from_scores(model, test_data):
     return hit_at_k_from_scores(model, test_data, 1)
 
 
-@pytest.mark.parametrize("model_name", ["SASRec", "CaseQ", "iLoRA"])
+@pytest.mark.parametrize("model_name", ["SASRec", "CaseQ", "iLoRA", "iLoRA-bfloat16"])
 def test_trained_model_finds_the_next_item_and_recbole_agrees_with_its_scores(cycle_data, model_name):
     # iLoRA's shipped residual head would start at its trained encoder, which finds the next item on its own: the
-    # plain head makes the LLM's path alone carry the ranking, so that this tests what the LLM learns.
-    extra = {"epochs": 6, "score_head": "plain"} if model_name == "iLoRA" else {"epochs": 30}
+    # plain head makes the LLM's path alone carry the ranking, so that this tests what the LLM learns. iLoRA-bfloat16
+    # is the same run with the backbone computing in bfloat16 ('auto' on a CPU with bfloat16 units, and on CUDA).
+    extra = {"epochs": 6, "score_head": "plain"} if model_name.startswith("iLoRA") else {"epochs": 30}
+    if model_name == "iLoRA-bfloat16":
+        model_name, extra = "iLoRA", {**extra, "llm_compute_dtype": "bfloat16"}
     result = objective_function(config_dict=settings(cycle_data, model_name, **extra))
     recbole_hit = result["test_result"]["hit@1"]
     _, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     assert hit_at_1_from_scores(model, test_data) == pytest.approx(recbole_hit, abs=5e-5)  # RecBole rounds to 4 places
     assert recbole_hit >= 0.8, result["test_result"]  # the next item is determined by the last one
+    if model_name == "iLoRA":  # the 4-bit layers computed in the dtype asked for
+        import bitsandbytes as bnb
+
+        expected = torch.bfloat16 if extra.get("llm_compute_dtype") == "bfloat16" else torch.float32
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {expected}
 
 
 def hit_at_k_from_scores(model, test_data, k):

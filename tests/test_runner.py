@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import DATA_DIR, REPO_ROOT, TINY
 
 
@@ -114,6 +115,36 @@ def test_the_machine_line_says_which_bfloat16_units_the_cpu_has(flags, expected)
     from recbole_ilora.provenance import bf16_units
 
     assert bf16_units(flags) == expected
+
+
+@pytest.mark.parametrize(
+    "flags, device, setting, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "cpu", "auto", torch.bfloat16),  # Intel Xeon, AMX
+        ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "auto", torch.bfloat16),  # AMD EPYC (Zen 4): 1.46x, measured
+        ({"avx2", "fma"}, "cpu", "auto", torch.float32),  # AMD EPYC (Zen 3): no bfloat16 step in 300 s
+        ({"avx2", "avx512f"}, "cpu", "auto", torch.float32),  # AVX-512 without bfloat16 arithmetic
+        ({"avx2", "fma"}, "cuda", "auto", torch.bfloat16),
+        ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "float32", torch.float32),  # an explicit setting wins
+        ({"avx2", "fma"}, "cpu", "bfloat16", torch.bfloat16),
+    ],
+)
+def test_auto_compute_dtype_is_bfloat16_only_where_the_cpu_has_bfloat16_units(
+    flags, device, setting, expected, monkeypatch
+):
+    from recbole_ilora.model import backbone
+
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: ("a CPU", set(flags)))
+    assert backbone.compute_dtype({"llm_compute_dtype": setting}, device) == expected
+
+
+def test_the_hardware_line_names_the_bfloat16_units(monkeypatch):
+    from recbole_ilora import provenance
+
+    monkeypatch.setattr(provenance, "cpu_flags", lambda: ("AMD EPYC", {"avx2", "avx512f", "avx512_bf16"}))
+    assert provenance.hardware().startswith(f"{os.cpu_count()} x AMD EPYC (avx512_bf16), ")
+    monkeypatch.setattr(provenance, "cpu_flags", lambda: ("AMD EPYC", {"avx2", "fma"}))
+    assert provenance.hardware().split(",")[0] == f"{os.cpu_count()} x AMD EPYC (AVX2; no bfloat16 units)"
 
 
 def test_an_installed_copy_names_its_version_and_phases_keep_wall_and_cpu_time_apart(tmp_path, monkeypatch):
