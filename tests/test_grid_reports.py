@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks.gridlib.planning import run_file
+from benchmarks.gridlib.planning import llm_budget, run_file
 from benchmarks.gridlib.plots import plot_continual
 from benchmarks.gridlib.readme import update_readme
 from benchmarks.gridlib.records import record_budget
@@ -230,6 +230,27 @@ def test_earlier_llm_records_are_reported_apart_with_the_budget_they_trained_wit
     # a record with targets but no budget, planned nowhere, cannot be labelled: an error, not a wrong label
     with pytest.raises(ValueError, match="no budget"):
         record_budget({"run_id": "x", "row": "iLoRA", "trained_targets": 5})
+
+
+def test_runs_that_computed_in_bfloat16_are_a_budget_apart_from_float32_ones(monkeypatch):
+    from conftest import tiny_config
+
+    from recbole_ilora.model import backbone
+
+    budget = {"objective": "head", "epochs": 1, "train_batch_size": 16, "learning_rate": 0.001,
+              "llm_train_sequences_per_user": 2, "llm_loss_positions": "all", "gate_scope": "position",
+              "score_head": "residual"}  # fmt: skip
+    earlier = {"run_id": "iLoRA-seed2020-a", "row": "iLoRA", "trained_targets": 10, "budget": budget}
+    now = {"run_id": "iLoRA-seed2021-b", "row": "iLoRA", "trained_targets": 10,
+           "budget": {**budget, "compute_dtype": "bfloat16"}}  # fmt: skip
+    assert record_budget(earlier)["compute_dtype"] == "float32"  # recorded before the dtype was: float32 then
+    line = budgets_line([earlier, now])
+    assert line.count("iLoRA: ") == 2 and line.count("bfloat16 compute") == 1, line  # two budgets, one said bf16
+    # the grid records the dtype the run's machine resolves 'auto' to
+    config = tiny_config(llm_compute_dtype="auto")
+    for flags, dtype in (({"avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")):
+        monkeypatch.setattr(backbone, "cpu_flags", lambda flags=flags: ("a CPU", flags))
+        assert llm_budget(config)["compute_dtype"] == dtype
 
 
 def test_runs_from_uncommitted_trees_are_marked_in_the_tables(monkeypatch):

@@ -70,11 +70,12 @@ def recorded_runs(planned, output):
 def record_budget(record, planned=()):
     """An LLM record's budget settings: recorded with the run, else its planned run's, else (a record without
     ``trained_targets``, written before issue 42) :data:`EARLIER_BUDGET`."""
+    # A budget without the compute dtype was recorded before it was (2026-12-08): every LLM run computed in float32
     if record.get("budget"):
-        return record["budget"]
+        return {"compute_dtype": "float32", **record["budget"]}
     run = next((run for run in planned if run["run_id"] == record["run_id"]), None)
     if run and run.get("budget"):
-        return run["budget"]
+        return {**run["budget"], "compute_dtype": "float32"}  # planned on this machine, run before the dtype was kept
     if "trained_targets" in record:
         raise ValueError(f"{record['run_id']}: no budget recorded or planned")
     generative = record["row"] in GENERATIVE_ROWS

@@ -126,6 +126,8 @@ def budget_label(budget, targets=None):
             parts.append(f"per-{budget['gate_scope']} gate")
         if budget.get("score_head"):
             parts.append(f"{budget['score_head']} head")
+    if budget.get("compute_dtype", "float32") != "float32":  # float32 unless said
+        parts.append(f"{budget['compute_dtype']} compute")
     return ", ".join(parts)
 
 

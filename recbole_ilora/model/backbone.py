@@ -242,6 +242,9 @@ def load_causal_lm(path, config, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = compute_dtype(config, device)
+    weights = "NF4 4-bit" if config["llm_load_in_4bit"] else "dense"
+    getLogger().info(f"Backbone {path}: {weights} weights, {str(dtype).removeprefix('torch.')} compute "
+                     f"(llm_compute_dtype = {config['llm_compute_dtype']})")  # fmt: skip
     kwargs = {"dtype": dtype, "trust_remote_code": bool(config["llm_trust_remote_code"])}
     if config["llm_load_in_4bit"]:
         kwargs["quantization_config"] = _quantization_config(config, dtype)
