@@ -52,3 +52,14 @@ def test_a_change_of_the_llms_objective_reruns_its_rows_but_keeps_the_committed_
         ids(encoder_overrides={"sasrec_learning_rate": 0.002}, llm_overrides={})["SASRec-encoder"]
         != shipped["SASRec-encoder"]
     )
+
+
+def test_a_printed_command_passes_a_dict_value_to_recbole_whole():
+    import ast
+    import shlex
+
+    (run,) = [r for r in plan(["ml-100k"], ["Laser-optim"], [2020], quick=False) if r["row"] == "Laser-optim"]
+    words = shlex.split(run["command"].replace("<the SASRec-encoder checkpoint of this seed>", "x.pth"))
+    (value,) = [word.split("=", 1)[1] for word in words if word.startswith("--clip_grad_norm=")]
+    assert ast.literal_eval(value) == {"max_norm": 1.0}  # RecBole evaluates the value it receives
+    assert "--llm_lr_schedule=cosine" in words  # a plain value stays unquoted

@@ -240,15 +240,22 @@ def runner_command(config, model, dataset, files, config_dict, kind):
         keys = ["epochs", "learning_rate", "train_batch_size", "stopping_step"]
         overrides = {key: config[key] for key in keys}
         parts = ["python run_recbole_ilora.py", "--model=SASRec", f"--dataset={dataset}"]
-        parts += [f"--{key}={value}" for key, value in {**config_dict, **overrides}.items()]
+        parts += [option(key, value) for key, value in {**config_dict, **overrides}.items()]
     else:
         parts = ["python run_recbole_ilora.py", f"--model={model}", f"--dataset={dataset}"]
-        parts += [f"--{key}={value}" for key, value in config_dict.items()]
+        parts += [option(key, value) for key, value in config_dict.items()]
     if files:
         parts.append('--config_files="' + " ".join(os.path.relpath(f, REPO) for f in files) + '"')
     if kind == "llm":
         parts.append("--sasrec_checkpoint=<the SASRec-encoder checkpoint of this seed>")
     return " ".join(parts).replace(str(REPO) + os.sep, "")
+
+
+def option(key, value):
+    """``--key=value`` as a shell passes it to RecBole, which evaluates it: a dict or list in double quotes
+    (``--clip_grad_norm="{'max_norm': 1.0}"``)."""
+    text = str(value)
+    return f'--{key}="{text}"' if any(c in text for c in " {}[]()'") else f"--{key}={text}"
 
 
 def run_file(output, run):
