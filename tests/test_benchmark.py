@@ -411,3 +411,34 @@ def test_the_shipped_window_is_read_from_the_readme_commands_committed_run(tmp_p
     assert record["best_valid_score"] == 0.075 and record["encoder_best_valid_score"] == 0.0744
     assert (record["trained_sequences"], record["trained_targets"], record["windows_per_user"]) == (1886, 18693, 2)
     assert record["test"]["full"]["ndcg@10"] == 0.0636 and record["encoder_test"]["full"]["ndcg@10"] == 0.0627
+
+
+def test_two_runs_of_another_compute_dtype_are_compared_metric_by_metric_from_their_logs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from dtype_runs import compare, read_run
+
+    def log(dtype, ndcg, hit1, loss):
+        test = f"OrderedDict([('ndcg@10', np.float64({ndcg})), ('hit@10', np.float64(0.13)), ('hit@1', np.float64({hit1})), ('mrr@10', np.float64(0.04))])"  # noqa: E501
+        lines = [
+            "INFO  Code: commit abc1234",
+            "INFO  Machine: 2 x AMD EPYC (avx512_bf16), no GPU, 24 GiB",
+            f"INFO  Backbone /x: NF4 4-bit weights, {dtype} compute (llm_compute_dtype = auto)",
+            "INFO  epoch 0 training [time: 1.00s, train loss: 9.0000]",  # SASRec's pretraining: not the LLM's
+            "Trainable parameters: 10",
+            f"INFO  epoch 0 training [time: 2.00s, train loss: {loss}]",
+            f"INFO  test result (full): {test}",
+            f"INFO  encoder test result (full): {test.replace(str(ndcg), '0.05')}",
+            'INFO  timings (s): {"training": 900.0}',
+            f"INFO  best valid : {test}",
+        ]
+        path = tmp_path / f"{dtype}.log"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    float32 = read_run(log("float32", 0.0636, 0.017, 300.5))
+    bfloat16 = read_run(log("bfloat16", 0.0641, 0.0159, 300.25))
+    assert (float32["compute_dtype"], bfloat16["compute_dtype"]) == ("float32", "bfloat16")
+    assert float32["train_loss"] == [300.5] and float32["encoder_test"]["full"]["ndcg@10"] == 0.05
+    difference = compare(float32, bfloat16)
+    assert difference["test"]["full"]["ndcg@10"] == 0.0005 and difference["test"]["full"]["hit@1"] == -0.0011
+    assert difference["best_valid"]["hit@10"] == 0.0  # 0.13 in both
