@@ -182,6 +182,7 @@ def test_the_reversed_order_writes_the_same_codes_backwards(sasrec_checkpoint, l
         ({"cofirec_beam_size": 5}, "cofirec_beam_size"),
         ({"objective": "generative"}, "CoFiRec generates its items' IDs"),
         ({"cofirec_tokenizer": "joint"}, "cofirec_tokenizer"),
+        ({"cofirec_code_init": "titles"}, "cofirec_code_init"),
     ],
 )
 def test_bad_keys_stop_before_any_data_is_prepared(overrides, message):
@@ -200,3 +201,34 @@ def test_trained_cofirec_decodes_the_next_item_and_recbole_agrees_with_its_score
     assert recbole_hit >= 0.7, result["test_result"]
     untrained = objective_function(config_dict=settings(cycle_data, "CoFiRec", epochs=1, learning_rate=1e-9, **CYCLE))
     assert untrained["test_result"]["hit@1"] <= 0.2
+
+
+def test_text_init_starts_each_code_from_its_items_texts_and_random_init_leaves_the_rows(sasrec_checkpoint, llm_cache):
+    model, _ = tiny_model(sasrec_checkpoint, llm_cache, cofirec_code_init="text")
+    start = model.code_embedding.weight.detach().clone()
+    model.ensure_codes()
+    rows = model.code_embedding.weight.detach()
+    table = model.llm.input_embeddings().weight.detach().float()
+    # by hand, one code at a time: the mean over its items of their title tokens' mean embedding; then, per level,
+    # the codes' deviations from their level's mean, scaled to the backbone rows' spread, plus the rows' mean
+    vectors = {}
+    for item in range(1, model.n_items):
+        tokens = model.tokenizer(model.init_texts[item], add_special_tokens=False)["input_ids"]
+        vectors[item] = table[tokens].mean(0)
+    codes = model.item_codes.tolist()
+    for level in range(model.depth):
+        used = sorted({codes[item][level] for item in range(1, model.n_items)})
+        members = [[vectors[i] for i in range(1, model.n_items) if codes[i][level] == code] for code in used]
+        means = torch.stack([torch.stack(vectors_of_code).mean(0) for vectors_of_code in members])
+        deviation = means - means.mean(0)
+        expected = table.mean(0) + deviation * table.std(0).norm() / deviation.std(0).norm()
+        assert torch.allclose(rows[used], expected, atol=1e-4), level
+        level_codes = range(model.offsets[level], model.offsets[level] + model.codebook_sizes[level])
+        unused = sorted(set(level_codes) - set(used))
+        assert torch.equal(rows[unused], start[unused])  # codes no item holds keep their random rows
+    assert model.tokenizer_report["code_init"] == "text"
+    # the default: the random rows as they were drawn
+    plain, _ = tiny_model(sasrec_checkpoint, llm_cache)
+    before = plain.code_embedding.weight.detach().clone()
+    plain.ensure_codes()
+    assert torch.equal(plain.code_embedding.weight, before) and "code_init" not in plain.tokenizer_report

@@ -84,6 +84,7 @@ NEUTRAL_DEFAULTS = {
     "laser_mformer_lr_scale": 1.0,
     "llm_lr_warmup_steps": 0,
     "llm_lr_schedule": "constant",
+    "cofirec_code_init": "random",
 }
 
 

@@ -40,6 +40,7 @@ from recbole_ilora.validation import require_choice, require_float, require_int,
 CF_LEVEL = "cf"
 TOKENIZERS = ("levels", "fused")
 LEVEL_ORDERS = ("coarse_to_fine", "fine_to_coarse")
+CODE_INITS = ("random", "text")
 FLOOR = -1.0e30  # the full-ranking score of an item the beam did not reach
 
 
@@ -102,6 +103,7 @@ class CoFiRec(LLMSequentialRecommender):
             )
         require_choice(config, "cofirec_tokenizer", TOKENIZERS)
         require_choice(config, "cofirec_level_order", LEVEL_ORDERS)
+        require_choice(config, "cofirec_code_init", CODE_INITS)
         require_int(config, "cofirec_tokenizer_steps", 0)
         topk = max(config["topk"]) if isinstance(config["topk"], (list, tuple)) else config["topk"]
         require_int(config, "cofirec_beam_size", int(topk))
@@ -127,6 +129,11 @@ class CoFiRec(LLMSequentialRecommender):
         self.tokenizer_seed = config["seed"]
         self.beam_size = config["cofirec_beam_size"]
         self.texts_by_level = [None if level == CF_LEVEL else level_texts(dataset, level) for level in self.levels]
+        self.code_init = config["cofirec_code_init"]
+        # the text a code's starting row reads under cofirec_code_init = text: the finest text level, else the prompt's
+        # text field (a dataset whose levels are all cf)
+        text_levels = [texts for texts in self.texts_by_level if texts is not None]
+        self.init_texts = text_levels[-1] if text_levels else item_texts(dataset, config["prompt_text_field"])
 
         embeddings = self.llm.input_embeddings().weight
         self.vocab_size = embeddings.shape[0]
@@ -187,6 +194,10 @@ class CoFiRec(LLMSequentialRecommender):
         report.update(levels=self.levels, tokenizer="fused" if self.fused else "levels",
                       order="fine_to_coarse" if self.reverse else "coarse_to_fine")  # fmt: skip
         self.item_codes[1:] = codes.to(self.device) + torch.tensor(self.offsets, device=self.device)
+        if self.code_init == "text":
+            used = self.item_codes[1:].unique()
+            self.code_embedding.weight[used] = self.text_code_rows()[used].to(self.code_embedding.weight.dtype)
+            report["code_init"] = "text"
         self.tokenizer_report_bytes = torch.tensor(list(json.dumps(report).encode()), dtype=torch.uint8,
                                                    device=self.device)  # fmt: skip
         logger.info(
@@ -194,6 +205,32 @@ class CoFiRec(LLMSequentialRecommender):
             f"{report['collision_rate_before']:.4f} before the fix, {report['collision_rate_after']:.4f} after; "
             f"codebook usage {[round(usage, 3) for usage in report['codebook_usage']]}"
         )
+
+    @torch.no_grad()
+    def text_code_rows(self):
+        """``[C, H]``: each code's starting row from what its items' texts mean to the backbone (``cofirec_code_init:
+        text``). An item's vector is the mean of the backbone's input embeddings over its text's tokens
+        (:attr:`init_texts`); a code's, the mean over the items whose ID holds it; at each level the codes' vectors
+        minus their mean (what sets a code apart from the level's others), scaled so that their spread equals the
+        backbone rows' (the random start's), plus the backbone rows' mean. Codes no item holds: zero deviation."""
+        table = self.llm.input_embeddings().weight.float()
+        item_vectors = torch.zeros(self.n_items, table.shape[1], device=table.device)
+        for item in range(1, self.n_items):
+            ids = self.tokenizer(self.init_texts[item], add_special_tokens=False)["input_ids"]
+            if ids:
+                item_vectors[item] = table[torch.tensor(ids, device=table.device)].mean(0)
+        rows = torch.zeros(self.num_codes, table.shape[1], device=table.device)
+        target = table.std(0).norm()  # the random start's expected deviation norm
+        for column in range(self.depth):
+            codes = self.item_codes[1:, column].to(table.device)
+            sums = torch.zeros_like(rows).index_add_(0, codes, item_vectors[1:])
+            counts = torch.bincount(codes, minlength=self.num_codes).float()
+            used = codes.unique()
+            means = sums[used] / counts[used].unsqueeze(1)
+            deviation = means - means.mean(0)
+            spread = deviation.std(0).norm() if len(used) > 1 else deviation.new_tensor(0.0)
+            rows[used] = deviation * (target / spread) if float(spread) > 0 else deviation
+        return rows + table.mean(0)
 
     @torch.no_grad()
     def embed_texts(self, texts, batch_size=64):
