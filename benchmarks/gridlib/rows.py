@@ -92,8 +92,9 @@ ROWS = {
     "CoFiRec-textinit": (
         "llm",
         "CoFiRec",
-        {"cofirec_code_init": "text"},
-        "CoFiRec with each code token's row started from its items' texts (the backbone's embeddings), not at random",
+        {"cofirec_code_init": "text", "llm_compute_dtype": "float32"},
+        "CoFiRec with each code token's row started from its items' texts (the backbone's embeddings), not at random "
+        "(float32, like the CoFiRec row)",
     ),
     "UniformLoRA-generative": ("llm", "UniformLoRA", {}, "UniformLoRA trained and tested the paper's way (generative)"),
     "iLoRA-generative": ("llm", "iLoRA", {}, "iLoRA trained and tested the paper's way (generative)"),
