@@ -380,11 +380,20 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=No
     cache_path = Path(cache_path)
     if cache_path.exists():
         return json.loads(cache_path.read_text())
-    import torch
-
     from recbole_ilora.saved_run import load_data_and_model
 
     _, model, dataset, _, _, test_data = load_data_and_model(checkpoint, data_path=data_path)
+    with gzip.open(generations_path, "rt", encoding="utf-8") as file:
+        result = sasrec_on_candidates(model, dataset, test_data, [json.loads(text) for text in file])
+    cache_path.write_text(json.dumps(result))
+    return result
+
+
+def sasrec_on_candidates(model, dataset, test_data, lines):
+    """A RecBole SASRec ``model`` ranking exactly the candidates of the generation records ``lines`` (each with
+    ``user_id``, ``candidate_ids``): {users, hit@1, per_user} over the users of ``test_data``."""
+    import torch
+
     histories = {}
     for interaction, *_ in test_data:
         for row, user in enumerate(interaction[dataset.uid_field].tolist()):
@@ -394,9 +403,8 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=No
                 int(interaction[dataset.iid_field][row]),
             )
     per_user = {}
-    with gzip.open(generations_path, "rt", encoding="utf-8") as file, torch.no_grad():
-        for text in file:
-            line = json.loads(text)
+    with torch.no_grad():
+        for line in lines:
             seq, length, target = histories[int(dataset.token2id(dataset.uid_field, line["user_id"]))]
             candidates = torch.tensor(line["candidate_ids"])
             if target not in line["candidate_ids"]:
@@ -404,9 +412,7 @@ def encoder_on_candidates(generations_path, checkpoint, cache_path, data_path=No
             output = model.forward(seq.unsqueeze(0), length.unsqueeze(0))  # [1, d]
             scores = (output @ model.item_embedding.weight[candidates].T).squeeze(0)
             per_user[line["user_id"]] = bool(int(candidates[int(scores.argmax())]) == target)
-    result = {"users": len(per_user), "hit@1": statistics.fmean(per_user.values()), "per_user": per_user}
-    cache_path.write_text(json.dumps(result))
-    return result
+    return {"users": len(per_user), "hit@1": statistics.fmean(per_user.values()), "per_user": per_user}
 
 
 def head_target_lines(by_row, seeds=3):

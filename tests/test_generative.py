@@ -486,3 +486,38 @@ def test_the_generative_objective_is_blind_to_the_head_objectives_keys(sasrec_ch
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
     for name, gradient in gradients[0].items():
         assert torch.equal(gradient, gradients[1][name]), name
+
+
+def test_the_generative_learning_curve_reads_each_points_answers(sasrec_checkpoint, llm_cache, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from conftest import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import learning_curve
+
+    settings = {key: value for key, value in TINY.items() if key != "dataset"}
+    settings.update(GENERATIVE, sasrec_checkpoint=sasrec_checkpoint, llm_cache_dir=llm_cache, train_batch_size=8,
+                    llm_train_sequences_per_user=1)  # fmt: skip
+    args = argparse.Namespace(model="iLoRA", dataset=TINY["dataset"], seed=2020, objective="generative",
+                              windows_per_user=None, points=[8, 24], sasrec_checkpoint=None,
+                              work=str(tmp_path / "work"), output=str(tmp_path / "curve.json"),
+                              folder=str(tmp_path), config_json=json.dumps(settings))  # fmt: skip
+    (tmp_path / "work").mkdir()
+    learning_curve.run(args)
+    record = json.loads((tmp_path / "curve.json").read_text())
+    points = record["points"]
+    # one answer a training sequence: the targets are the sequences seen, 8 a batch, read as each point passes
+    assert [p["targets"] for p in points] == [0, 8, 24] and all(p["windows"] == p["targets"] for p in points)
+    for point in points:  # each point's HR@1 and ValidRatio are those of its own answers file, recounted here
+        lines = (tmp_path / "work" / f"curve.answers-{point['targets']}.jsonl").read_text().splitlines()
+        answers = [json.loads(line) for line in lines]
+        assert point["test"]["hr@1_all"] == pytest.approx(sum(a["correct"] for a in answers) / len(answers))
+        assert point["test"]["valid_ratio"] == pytest.approx(sum(a["valid"] for a in answers) / len(answers))
+        assert point["test"]["users"] == len(answers) == record["encoder_test"]["users"]
+    assert record["random_pick"] == 1 / settings.get("num_candidates", 20)
+    learning_curve.plot(tmp_path)
+    assert (tmp_path / "learning_curve_generative.png").exists()
+    table = (tmp_path / "learning_curve_generative.md").read_text()
+    assert table.count("| iLoRA | lastfm-tiny | 2020 |") == 3
