@@ -248,14 +248,20 @@ def plot(folder):
             axis.plot(*point, marker="*", markersize=12, linestyle="none", label=label)
     for (dataset, seed), level in encoders.items():
         axis.axhline(level, linestyle="--", color="grey", label=f"its SASRec encoder ({dataset}, seed {seed})")
+    labels = ("training targets seen (step 0 drawn at 100)", "test full NDCG@10", "Learning curve")
+    finish_plot(figure, axis, labels, records[0], lines, Path(folder) / "learning_curve")
+
+
+def finish_plot(figure, axis, labels, record, lines, stem):
+    """Log x axis, ``labels`` (x, y, title), legend; ``<stem>.png`` and the table ``lines`` as ``<stem>.md``."""
     axis.set_xscale("log")
-    axis.set_xlabel("training targets seen (step 0 drawn at 100)")
-    axis.set_ylabel("test full NDCG@10")
-    axis.set_title(f"Learning curve, {records[0]['dataset']}: {records[0]['machine'].split(',')[0]}")
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel(labels[1])
+    axis.set_title(f"{labels[2]}, {record['dataset']}: {record['machine'].split(',')[0]}")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(Path(folder) / "learning_curve.png", dpi=120)
-    (Path(folder) / "learning_curve.md").write_text("\n".join(lines) + "\n")
+    figure.savefig(stem.with_suffix(".png"), dpi=120)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -281,15 +287,12 @@ def plot_generative(folder, records, plt):
                          f"{p['test']['hr@1_all']:.4f} | {'–' if valid is None else f'{valid:.4f}'} | "
                          f"{p['test']['valid_ratio']:.3f} | {record['encoder_test']['hit@1']:.4f} |")  # fmt: skip
     axis.axhline(records[0]["random_pick"], linestyle=":", color="black", label="a random pick")
-    axis.set_xscale("log")
-    axis.set_xlabel("training targets (answers) seen (step 0 drawn at 30)")
-    axis.set_ylabel("HR@1 over all test users")
-    axis.set_title(f"The paper's protocol, {records[0]['dataset']}: {records[0]['machine'].split(',')[0]}")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(Path(folder) / "learning_curve_generative.png", dpi=120)
-    (Path(folder) / "learning_curve_generative.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    labels = (
+        "training targets (answers) seen (step 0 drawn at 30)",
+        "HR@1 over all test users",
+        "The paper's protocol",
+    )
+    finish_plot(figure, axis, labels, records[0], lines, Path(folder) / "learning_curve_generative")
 
 
 def main():
