@@ -116,6 +116,7 @@ def run(args):
     import torch
     from recbole.trainer import Trainer
 
+    from recbole_ilora.model.backbone import compute_dtype_name
     from recbole_ilora.pipeline import sasrec_pretraining_config
 
     generative = args.objective == "generative"
@@ -140,7 +141,7 @@ def run(args):
             "targets_per_epoch": epoch_targets, "batch_size": config["train_batch_size"],
             "learning_rate": config["learning_rate"], "score_head": config["score_head"],
             "llm_loss_positions": config["llm_loss_positions"], "gate_scope": config["gate_scope"],
-            "compute_dtype": config["llm_compute_dtype"], "points": [],
+            "compute_dtype": compute_dtype_name(config), "points": [],
         }  # fmt: skip
         model.sasrec.eval()
         started = time.perf_counter()

@@ -36,14 +36,6 @@ SETTINGS = (
 )
 
 
-def cpu_flags():
-    with open("/proc/cpuinfo", encoding="utf-8") as file:
-        for line in file:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def base_clock_ghz():
     """The base clock: BogoMIPS / 2 on x86 (the TSC rate; a boost clock may be higher)."""
     with open("/proc/cpuinfo", encoding="utf-8") as file:
@@ -55,7 +47,7 @@ def base_clock_ghz():
 
 def peak_gflops(cores):
     """``{dtype: peak GFLOP/s}`` of this machine's vector units at the base clock (a bound, not a promise)."""
-    flags, ghz = cpu_flags(), base_clock_ghz()
+    flags, ghz = provenance.cpu_flags()[1], base_clock_ghz()
     fp32 = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
     if "amx_bf16" in flags:
         bf16 = 1024

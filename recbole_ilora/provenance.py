@@ -33,6 +33,14 @@ def cpu_flags():
     return (names[0] if names else platform.machine()), set(flags)
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bfloat16 matrix units (Intel AMX, AMD Zen 4)
+
+
+def has_bf16_units(flags):
+    """Whether a CPU with these flags multiplies bfloat16 matrices in hardware."""
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
 def bf16_units(flags):
     """What the CPU offers bfloat16 matrix products: 'AMX bfloat16' (Intel Xeon), 'avx512_bf16' (AMD EPYC Zen 4),
     or the widest vectors without either ('AVX2, no bfloat16 units'): bfloat16 steps differ by an order of magnitude

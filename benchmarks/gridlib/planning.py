@@ -312,7 +312,6 @@ def llm_budget(config):
     """An LLM run's budget settings (:data:`BUDGET_KEYS`) from its resolved configuration, and the dtype its backbone
     computes in on this machine (``llm_compute_dtype: auto`` is bfloat16 on a CPU with bfloat16 units, float32 on
     others: the same row's runs on two machines may differ there)."""
-    from recbole_ilora.model.backbone import compute_dtype
+    from recbole_ilora.model.backbone import compute_dtype_name
 
-    dtype = compute_dtype(config, config["device"] or "cpu")
-    return {**{key: config[key] for key in BUDGET_KEYS}, "compute_dtype": str(dtype).removeprefix("torch.")}
+    return {**{key: config[key] for key in BUDGET_KEYS}, "compute_dtype": compute_dtype_name(config)}

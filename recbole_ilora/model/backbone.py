@@ -29,7 +29,7 @@ from logging import getLogger
 
 import torch
 
-from recbole_ilora.provenance import cpu_flags
+from recbole_ilora.provenance import cpu_flags, has_bf16_units
 
 EMBEDDED = "embedded"
 
@@ -86,8 +86,12 @@ def compute_dtype(config, device):
 
 def cpu_has_bf16_units():
     """Whether this CPU multiplies bfloat16 matrices in hardware (the flags avx512_bf16 or amx_bf16)."""
-    _, flags = cpu_flags()
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return has_bf16_units(cpu_flags()[1])
+
+
+def compute_dtype_name(config, device=None):
+    """The name ('bfloat16', 'float32', ...) of the dtype the backbone computes in on ``device`` (the config's)."""
+    return str(compute_dtype(config, device or config["device"] or "cpu")).removeprefix("torch.")
 
 
 def embedded_llm_dir(config, corpus):
